@@ -1,0 +1,538 @@
+//! Typed, layered configuration.
+//!
+//! Layers, later ones winning: built-in defaults, `config/default.toml` (relative to the
+//! working directory, optional), the file named by `BULKOPS_CONFIG` (required when set),
+//! then environment variables `BULKOPS__SECTION__KEY` (for example
+//! `BULKOPS__DATABASE__URL`). The result is validated once at start-up; a bad or missing
+//! value stops the program with a one-line reason. URLs and the JWT secret are wrapped so
+//! that they never print.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Why the configuration could not be used. The message is one line, names the key, and
+/// never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// Everything bulkops can be told. Every binary reads the whole of it and uses its part.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// PostgreSQL, the CRM's database.
+    pub database: DatabaseSettings,
+    /// RabbitMQ: work queues and the events exchange.
+    pub amqp: AmqpSettings,
+    /// Redis: per-record locks.
+    pub redis: RedisSettings,
+    /// Authentication of API callers.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// The producer's HTTP API.
+    pub http: HttpSettings,
+    /// The worker's metrics and health endpoint.
+    pub metrics: MetricsSettings,
+    /// Per-record processing.
+    pub worker: WorkerSettings,
+    /// Turning accepted batches into messages.
+    pub split: SplitSettings,
+    /// The transactional outbox relay.
+    pub outbox: OutboxSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Connection URL, `postgres://user:password@host:port/database`.
+    pub url: SecretString,
+    /// Largest number of pooled connections per process.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long to wait for a pooled connection, in milliseconds.
+    pub acquire_timeout_ms: u64,
+    /// Server-side `statement_timeout` for every session, in milliseconds (0: none).
+    pub statement_timeout_ms: u64,
+}
+
+/// `[amqp]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    /// Connection URL, `amqp://user:password@host:port/vhost`.
+    pub url: SecretString,
+    /// Every queue and internal exchange name starts with this.
+    pub prefix: String,
+    /// Topic exchange the CRM's workflow engine listens on.
+    pub events_exchange: String,
+    /// Unacknowledged deliveries a worker holds per lane (basic.qos prefetch count).
+    pub prefetch: u16,
+    /// Quorum queue `x-delivery-limit`: deliveries before the broker dead-letters a message
+    /// that keeps crashing its consumers.
+    pub delivery_limit: u32,
+    /// Largest number of publishes awaiting a confirm on one channel.
+    pub confirm_window: usize,
+    /// Longest wait for a broker operation (connect, declare, confirm), in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    /// Connection URL, `redis://[:password@]host:port[/db]`.
+    pub url: SecretString,
+    /// Every key starts with this.
+    pub prefix: String,
+    /// Longest wait for one Redis command, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuthSettings {
+    /// HS256 secret that signs the CRM's JWTs. The producer refuses to start without it.
+    pub jwt_secret: Option<SecretString>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    /// Address the producer listens on (port 0 picks a free one and logs it).
+    pub bind: String,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub body_limit_bytes: usize,
+    /// Longest time a request may take before it is answered 503, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    /// Address of the worker's `/metrics`, `/healthz` and `/readyz`.
+    pub bind: String,
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    /// Chunks of deliveries processed at once on the bulk lane.
+    pub concurrency: usize,
+    /// Most deliveries handled in one database transaction.
+    pub chunk_size: usize,
+    /// Lifetime of a record lock, in milliseconds; longer than any chunk's transaction.
+    pub lock_ttl_ms: u64,
+    /// Delivery attempts before an item that keeps failing transiently is failed and
+    /// its message dead-lettered.
+    pub max_attempts: u32,
+    /// In-process retries of a transient failure before the message is handed to a
+    /// delayed retry queue.
+    pub in_process_retries: usize,
+    /// Delay of each retry tier, in milliseconds; attempt `n` waits in tier `min(n, len)`.
+    pub retry_delays_ms: Vec<u64>,
+    /// Longest time SIGTERM waits for chunks in hand to finish, in seconds.
+    pub drain_timeout_secs: u64,
+}
+
+/// `[split]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct SplitSettings {
+    /// Items read and published per round.
+    pub chunk_size: usize,
+    /// Most messages of one batch waiting in the work queue at once; the splitter tops up
+    /// as items finish, round-robin across batches (0: no limit).
+    pub max_in_flight_per_batch: u64,
+    /// Batches of at most this many items go to the interactive lane.
+    pub interactive_max_items: u64,
+    /// How long a producer's claim on splitting a batch lasts without renewal, in seconds;
+    /// another producer resumes a batch whose claim expired.
+    pub lease_secs: u64,
+    /// How often idle producers look for batches to split, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct OutboxSettings {
+    /// Whether this process relays outbox rows to the events exchange.
+    pub enabled: bool,
+    /// Rows published per round.
+    pub batch_size: u64,
+    /// Pause between rounds when the outbox is empty, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// `tracing` filter directives, e.g. `info` or `info,bulkops_worker=debug`;
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+/// Where configuration comes from. [`Sources::from_process`] is what the binaries use;
+/// tests build their own without touching the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `config/default.toml` or another base file; skipped when absent.
+    pub default_file: Option<PathBuf>,
+    /// The file named by `BULKOPS_CONFIG`; must exist when given.
+    pub override_file: Option<PathBuf>,
+    /// Environment variables (only `BULKOPS__…` ones are read).
+    pub env: HashMap<String, String>,
+}
+
+impl Sources {
+    /// The process's own sources: `config/default.toml`, `BULKOPS_CONFIG`, the environment.
+    pub fn from_process() -> Self {
+        Self {
+            default_file: Some(PathBuf::from("config/default.toml")),
+            override_file: std::env::var_os("BULKOPS_CONFIG").map(PathBuf::from),
+            env: std::env::vars().collect(),
+        }
+    }
+}
+
+const DEFAULTS: &[(&str, &str)] = &[
+    ("database.url", "postgres://postgres@127.0.0.1:5432/bulkops"),
+    ("database.max_connections", "10"),
+    ("database.min_connections", "1"),
+    ("database.acquire_timeout_ms", "5000"),
+    ("database.statement_timeout_ms", "60000"),
+    ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+    ("amqp.prefix", "bulkops"),
+    ("amqp.events_exchange", "crm.events"),
+    ("amqp.prefetch", "600"),
+    ("amqp.delivery_limit", "20"),
+    ("amqp.confirm_window", "2000"),
+    ("amqp.timeout_ms", "10000"),
+    ("redis.url", "redis://127.0.0.1:6379"),
+    ("redis.prefix", "bulkops"),
+    ("redis.timeout_ms", "2000"),
+    ("http.bind", "127.0.0.1:8080"),
+    ("http.body_limit_bytes", "4194304"),
+    ("http.request_timeout_ms", "30000"),
+    ("metrics.bind", "127.0.0.1:9090"),
+    ("worker.concurrency", "2"),
+    ("worker.chunk_size", "250"),
+    ("worker.lock_ttl_ms", "30000"),
+    ("worker.max_attempts", "5"),
+    ("worker.in_process_retries", "3"),
+    ("worker.drain_timeout_secs", "25"),
+    ("split.chunk_size", "2000"),
+    ("split.max_in_flight_per_batch", "20000"),
+    ("split.interactive_max_items", "100"),
+    ("split.lease_secs", "10"),
+    ("split.poll_interval_ms", "500"),
+    ("outbox.enabled", "true"),
+    ("outbox.batch_size", "1000"),
+    ("outbox.poll_interval_ms", "50"),
+    ("log.level", "info"),
+    ("log.format", "text"),
+];
+
+impl Settings {
+    /// Loads and validates the process's configuration.
+    ///
+    /// # Errors
+    /// A one-line [`ConfigError`] naming the key that is missing or invalid.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(&Sources::from_process())
+    }
+
+    /// Loads and validates configuration from explicit sources.
+    ///
+    /// # Errors
+    /// A one-line [`ConfigError`] naming the key that is missing or invalid.
+    pub fn load_from(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        for (key, value) in DEFAULTS {
+            builder = builder
+                .set_default(*key, *value)
+                .map_err(|e| ConfigError::new(e.to_string()))?;
+        }
+        builder = builder
+            .set_default("worker.retry_delays_ms", vec![1000_i64, 5000, 30000])
+            .map_err(|e| ConfigError::new(e.to_string()))?;
+        if let Some(path) = &sources.default_file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(false));
+        }
+        if let Some(path) = &sources.override_file {
+            if !path.is_file() {
+                return Err(ConfigError::new(format!(
+                    "BULKOPS_CONFIG names {}, which is not a readable file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        let env: config::Map<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("BULKOPS__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("BULKOPS")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("worker.retry_delays_ms")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::new(one_line(&e.to_string())))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::new(one_line(&e.to_string())))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url(&self.database.url, "database.url", &["postgres", "postgresql"])?;
+        check_url(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        check_url(&self.redis.url, "redis.url", &["redis", "rediss"])?;
+        check_name(&self.amqp.prefix, "amqp.prefix")?;
+        check_name(&self.amqp.events_exchange, "amqp.events_exchange")?;
+        check_name(&self.redis.prefix, "redis.prefix")?;
+        check_addr(&self.http.bind, "http.bind")?;
+        check_addr(&self.metrics.bind, "metrics.bind")?;
+        if let Some(secret) = &self.auth.jwt_secret
+            && secret.expose_secret().is_empty()
+        {
+            return Err(ConfigError::new("auth.jwt_secret is set but empty"));
+        }
+        positive(self.database.max_connections.into(), "database.max_connections")?;
+        if self.database.min_connections > self.database.max_connections {
+            return Err(ConfigError::new(
+                "database.min_connections must not exceed database.max_connections",
+            ));
+        }
+        positive(self.amqp.prefetch.into(), "amqp.prefetch")?;
+        positive(self.amqp.delivery_limit.into(), "amqp.delivery_limit")?;
+        positive(self.amqp.confirm_window as u64, "amqp.confirm_window")?;
+        positive(self.amqp.timeout_ms, "amqp.timeout_ms")?;
+        positive(self.redis.timeout_ms, "redis.timeout_ms")?;
+        positive(self.http.body_limit_bytes as u64, "http.body_limit_bytes")?;
+        positive(self.worker.concurrency as u64, "worker.concurrency")?;
+        positive(self.worker.chunk_size as u64, "worker.chunk_size")?;
+        if self.worker.chunk_size > 5000 {
+            return Err(ConfigError::new("worker.chunk_size must be at most 5000"));
+        }
+        positive(self.worker.lock_ttl_ms, "worker.lock_ttl_ms")?;
+        positive(self.worker.max_attempts.into(), "worker.max_attempts")?;
+        if self.worker.retry_delays_ms.is_empty() || self.worker.retry_delays_ms.contains(&0) {
+            return Err(ConfigError::new(
+                "worker.retry_delays_ms must list at least one positive delay",
+            ));
+        }
+        if self.worker.drain_timeout_secs == 0 || self.worker.drain_timeout_secs > 29 {
+            return Err(ConfigError::new(
+                "worker.drain_timeout_secs must be between 1 and 29 (SIGTERM drains within 30 s)",
+            ));
+        }
+        positive(self.split.chunk_size as u64, "split.chunk_size")?;
+        positive(self.split.lease_secs, "split.lease_secs")?;
+        positive(self.split.poll_interval_ms, "split.poll_interval_ms")?;
+        positive(self.outbox.batch_size, "outbox.batch_size")?;
+        positive(self.outbox.poll_interval_ms, "outbox.poll_interval_ms")?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log.format must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The JWT secret, or the error the producer stops with when it is missing.
+    ///
+    /// # Errors
+    /// When `auth.jwt_secret` is not configured.
+    pub fn require_jwt_secret(&self) -> Result<&SecretString, ConfigError> {
+        self.auth.jwt_secret.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "auth.jwt_secret is required: set BULKOPS__AUTH__JWT_SECRET or [auth] jwt_secret",
+            )
+        })
+    }
+}
+
+impl AmqpSettings {
+    /// [`AmqpSettings::timeout_ms`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl RedisSettings {
+    /// [`RedisSettings::timeout_ms`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl WorkerSettings {
+    /// Lock lifetime as a duration.
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_millis(self.lock_ttl_ms)
+    }
+
+    /// Retry tier delays as durations.
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect()
+    }
+}
+
+/// The config crate's messages can span lines; ours are one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn positive(value: u64, key: &str) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::new(format!("{key} must be greater than 0")));
+    }
+    Ok(())
+}
+
+fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let url = url.expose_secret();
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) => Ok(()),
+        _ => Err(ConfigError::new(format!(
+            "{key} must be a URL starting with {}://",
+            schemes.join(":// or ")
+        ))),
+    }
+}
+
+fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!(
+            "{key} must be 1 to 100 characters of letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+fn check_addr(addr: &str, key: &str) -> Result<(), ConfigError> {
+    addr.parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| ConfigError::new(format!("{key} must be host:port, e.g. 127.0.0.1:8080")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::load_from(&Sources::default()).unwrap();
+        assert_eq!(
+            s.database.url.expose_secret(),
+            "postgres://postgres@127.0.0.1:5432/bulkops"
+        );
+        assert_eq!(s.amqp.url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.prefix, "bulkops");
+        assert_eq!(s.amqp.events_exchange, "crm.events");
+        assert_eq!(s.redis.url.expose_secret(), "redis://127.0.0.1:6379");
+        assert_eq!(s.redis.prefix, "bulkops");
+        assert!(s.auth.jwt_secret.is_none());
+        assert_eq!(s.http.bind, "127.0.0.1:8080");
+        assert_eq!(s.metrics.bind, "127.0.0.1:9090");
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscores() {
+        let s = Settings::load_from(&env(&[
+            ("BULKOPS__AMQP__PREFIX", "t42"),
+            ("BULKOPS__AUTH__JWT_SECRET", "s3cret"),
+            ("BULKOPS__WORKER__CHUNK_SIZE", "17"),
+            ("BULKOPS__WORKER__RETRY_DELAYS_MS", "10,20"),
+            ("OTHER__AMQP__PREFIX", "ignored"),
+        ]))
+        .unwrap();
+        assert_eq!(s.amqp.prefix, "t42");
+        assert_eq!(s.worker.chunk_size, 17);
+        assert_eq!(s.worker.retry_delays_ms, vec![10, 20]);
+        assert_eq!(s.require_jwt_secret().unwrap().expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::load_from(&env(&[
+            ("BULKOPS__AUTH__JWT_SECRET", "hunter2-topsecret"),
+            ("BULKOPS__DATABASE__URL", "postgres://u:pw-topsecret@h/db"),
+        ]))
+        .unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("topsecret"), "{printed}");
+    }
+
+    #[test]
+    fn bad_values_give_one_line_naming_the_key() {
+        for (key, value, expect) in [
+            ("BULKOPS__AMQP__PREFIX", "has space", "amqp.prefix"),
+            ("BULKOPS__DATABASE__URL", "mysql://x", "database.url"),
+            ("BULKOPS__HTTP__BIND", "nowhere", "http.bind"),
+            ("BULKOPS__WORKER__CHUNK_SIZE", "0", "worker.chunk_size"),
+            ("BULKOPS__WORKER__CHUNK_SIZE", "many", "chunk_size"),
+            ("BULKOPS__LOG__FORMAT", "xml", "log.format"),
+        ] {
+            let err = Settings::load_from(&env(&[(key, value)])).unwrap_err().to_string();
+            assert!(err.contains(expect), "{key}={value}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_jwt_secret_is_a_clear_error() {
+        let s = Settings::load_from(&Sources::default()).unwrap();
+        let err = s.require_jwt_secret().unwrap_err().to_string();
+        assert!(err.contains("auth.jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn missing_override_file_is_an_error() {
+        let sources = Sources {
+            override_file: Some(PathBuf::from("/nonexistent/bulkops.toml")),
+            ..Sources::default()
+        };
+        let err = Settings::load_from(&sources).unwrap_err().to_string();
+        assert!(err.contains("BULKOPS_CONFIG"), "{err}");
+    }
+}

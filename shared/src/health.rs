@@ -1,0 +1,62 @@
+//! Dependency checks behind `/readyz`: the database answers `SELECT 1`, the broker link is
+//! connected, Redis answers `PING`, each within a short timeout. The result also feeds
+//! `bulkops_dependency_up`.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde::Serialize;
+
+use crate::amqp::AmqpLink;
+use crate::db::stmt;
+use crate::lock::Locks;
+use crate::metrics::HealthMetrics;
+
+/// Longest a readiness check waits for one dependency.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    /// Whether every dependency answered.
+    pub ready: bool,
+    /// The database answered.
+    pub database: bool,
+    /// The broker connection is up.
+    pub broker: bool,
+    /// Redis answered.
+    pub redis: bool,
+}
+
+/// Checks the dependencies a process needs (`locks` is `None` for one that needs no Redis).
+pub async fn check(
+    db: &DatabaseConnection,
+    links: &[&AmqpLink],
+    locks: Option<&Locks>,
+    metrics: &HealthMetrics,
+) -> Readiness {
+    let database = matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, db.execute_raw(stmt("SELECT 1", []))).await,
+        Ok(Ok(_))
+    );
+    let mut broker = true;
+    for link in links {
+        broker &= link.refresh_health().await;
+    }
+    let redis = match locks {
+        Some(l) => l.ping().await.is_ok(),
+        None => true,
+    };
+    for (name, up) in [("database", database), ("broker", broker), ("redis", redis)] {
+        metrics
+            .dependency_up
+            .with_label_values(&[name])
+            .set(i64::from(up));
+    }
+    Readiness {
+        ready: database && broker && redis,
+        database,
+        broker,
+        redis,
+    }
+}

@@ -1,0 +1,43 @@
+//! The library both bulkops services stand on.
+//!
+//! The producer (HTTP API, splitting) and the worker (per-record processing) share
+//! everything that defines the system's behaviour: how it is configured, what goes on a
+//! queue, how queues are named and declared, how records are locked, which metrics exist,
+//! and the CRM's business rules for bulk create and conversion. Keeping them here means
+//! the two binaries cannot drift apart.
+//!
+//! # Layout
+//! - [`config`]: typed, layered configuration (defaults, `config/default.toml`,
+//!   `BULKOPS_CONFIG`, `BULKOPS__SECTION__KEY`), validated at start-up.
+//! - [`telemetry`]: tracing to stderr.
+//! - [`ids`], [`batch`]: typed ids and the batch/item vocabulary (kinds, states, outcomes).
+//! - [`messages`]: the versioned per-record work message (ids only).
+//! - [`topology`]: AMQP names and their idempotent declaration.
+//! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
+//! - [`db`]: the PostgreSQL pool and error classification.
+//! - [`lock`]: Redis locks (SET NX PX with a token, compare-and-delete release).
+//! - [`filter`]: the Individual search filter, parsed into a typed value and turned into SQL.
+//! - [`mapping`]: the field mappings of the create and convert rules, as data and pure
+//!   functions that turn that data into SQL.
+//! - [`progress`]: item outcomes, batch counters and exactly-once completion.
+//! - [`outbox`]: the transactional outbox and its relay to the events exchange.
+//! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`health`]: dependency checks behind `/readyz`.
+//! - [`shutdown`]: the SIGINT/SIGTERM future injected into every `run()`.
+
+pub mod amqp;
+pub mod batch;
+pub mod config;
+pub mod db;
+pub mod filter;
+pub mod health;
+pub mod ids;
+pub mod lock;
+pub mod mapping;
+pub mod messages;
+pub mod metrics;
+pub mod outbox;
+pub mod progress;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
