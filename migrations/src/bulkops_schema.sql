@@ -27,6 +27,9 @@ CREATE TABLE bulk_batches (
     split_done_at timestamptz,
     split_owner uuid,
     split_lease_until timestamptz,
+    -- Last time an item got its outcome or a message was published: a batch that stops
+    -- moving is re-split (see the producer's stall sweeper).
+    progress_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     started_at timestamptz,
     completed_at timestamptz,

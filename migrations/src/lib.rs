@@ -115,9 +115,11 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbErr> {
 pub async fn migrate_up(url: &str) -> Result<(), DbErr> {
     create_database_if_missing(url).await?;
     let db = connect_single(url).await?;
-    db.execute_unprepared("SELECT pg_advisory_lock(7261135002)").await?;
+    db.execute_unprepared("SELECT pg_advisory_lock(7261135002)")
+        .await?;
     let result = Migrator::up(&db, None).await;
-    db.execute_unprepared("SELECT pg_advisory_unlock(7261135002)").await?;
+    db.execute_unprepared("SELECT pg_advisory_unlock(7261135002)")
+        .await?;
     db.close().await?;
     result
 }
@@ -146,7 +148,9 @@ pub async fn status(url: &str) -> Result<Vec<(String, bool)>, DbErr> {
 
 async fn connect_single(url: &str) -> Result<DatabaseConnection, DbErr> {
     let mut opts = sea_orm::ConnectOptions::new(url.to_owned());
-    opts.max_connections(1).min_connections(1).sqlx_logging(false);
+    opts.max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
     Database::connect(opts).await
 }
 
@@ -158,11 +162,17 @@ mod tests {
     fn splits_database_urls() {
         assert_eq!(
             split_database_url("postgres://u@h:5432/bulkops").unwrap(),
-            ("postgres://u@h:5432/postgres".to_owned(), "bulkops".to_owned())
+            (
+                "postgres://u@h:5432/postgres".to_owned(),
+                "bulkops".to_owned()
+            )
         );
         assert_eq!(
             split_database_url("postgres://u@h/db?sslmode=disable").unwrap(),
-            ("postgres://u@h/postgres?sslmode=disable".to_owned(), "db".to_owned())
+            (
+                "postgres://u@h/postgres?sslmode=disable".to_owned(),
+                "db".to_owned()
+            )
         );
         assert!(split_database_url("postgres://u@h/").is_err());
     }

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 #[derive(Parser)]
-#[command(name = "bulkops-migrate", version, about = "Apply or list bulkops' database migrations")]
+#[command(
+    name = "bulkops-migrate",
+    version,
+    about = "Apply or list bulkops' database migrations"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

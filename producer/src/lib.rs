@@ -1,1 +1,27 @@
-//! placeholder
+//! The bulkops producer: the HTTP API the CRM calls, and the part of the pipeline beside
+//! it (freezing batches, splitting them into per-record messages, relaying events).
+//!
+//! # Layout
+//! - [`app`]: router, middleware, background tasks and `run`.
+//! - [`routes`]: one module per resource (search, saved searches, bulk, batches, operations).
+//! - [`auth`]: JWT authentication into a [`auth::Caller`] with the user's rights.
+//! - [`extract`], [`problem`]: typed request parsing and RFC 9457 errors.
+//! - [`accept`]: accepting a batch in one transaction (freeze, pre-settle, idempotency).
+//! - [`split`]: resumable, metered, fair splitting into messages.
+//! - [`monitor`]: gauges for dashboards and autoscalers.
+//! - [`openapi`]: the generated OpenAPI document.
+//! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
+
+pub mod accept;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod extract;
+pub mod monitor;
+pub mod openapi;
+pub mod problem;
+pub mod routes;
+pub mod split;
+pub mod state;
+
+pub use app::{router, run, serve};

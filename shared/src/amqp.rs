@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Confirmation, PublisherConfirm};
 use secrecy::ExposeSecret;
 use tokio::sync::Mutex;
 
@@ -45,6 +45,9 @@ pub enum AmqpError {
     /// A mandatory publish could not be routed to any queue.
     #[error("message to {0:?} was unroutable (queue missing?)")]
     Unroutable(String),
+    /// The broker ended a consumer (queue deleted, channel closed).
+    #[error("the broker ended the consumer")]
+    ConsumerEnded,
     /// The URL could not be parsed.
     #[error("amqp.url is not a valid AMQP URL")]
     BadUrl,
@@ -86,7 +89,9 @@ pub struct AmqpLink {
 impl std::fmt::Debug for AmqpLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URI holds the password: show only the name.
-        f.debug_struct("AmqpLink").field("name", &self.name).finish()
+        f.debug_struct("AmqpLink")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -177,8 +182,11 @@ impl AmqpLink {
         if let Some(conn) = current.take() {
             self.healthy.store(false, Ordering::Relaxed);
             // Closing may fail when the socket is already gone; there is nothing to do then.
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "reconnecting".into()))
-                .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                conn.close(200, "reconnecting".into()),
+            )
+            .await;
         }
     }
 
@@ -190,12 +198,37 @@ impl AmqpLink {
         up
     }
 
+    /// Keeps the link connected until `shutdown`: reconnects with backoff whenever the
+    /// connection is down, so readiness reflects the broker even while the link is idle.
+    pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut backoff = reconnect_backoff();
+        loop {
+            let pause = if self.refresh_health().await {
+                backoff = reconnect_backoff();
+                Duration::from_secs(1)
+            } else {
+                match self.connection().await {
+                    Ok(_) => Duration::from_secs(1),
+                    Err(e) => {
+                        tracing::warn!(link = %self.name, error = %e, "broker unreachable; retrying");
+                        backoff.next().unwrap_or(Duration::from_secs(5))
+                    }
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
     /// Closes the connection (at shutdown).
     pub async fn close(&self) {
         let mut current = self.current.lock().await;
         if let Some(conn) = current.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into()))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into()))
+                    .await;
         }
         self.healthy.store(false, Ordering::Relaxed);
     }
@@ -237,6 +270,7 @@ pub struct Publisher {
     link: Arc<AmqpLink>,
     channel: Mutex<Option<Channel>>,
     window: usize,
+    topology: Option<crate::topology::Topology>,
 }
 
 impl Publisher {
@@ -246,7 +280,16 @@ impl Publisher {
             link,
             channel: Mutex::new(None),
             window: window.max(1),
+            topology: None,
         }
+    }
+
+    /// Declares `topology` on every new channel before publishing on it, so that queues
+    /// exist after a broker restart or on a fresh broker.
+    #[must_use]
+    pub fn with_topology(mut self, topology: crate::topology::Topology) -> Self {
+        self.topology = Some(topology);
+        self
     }
 
     /// The link this publisher uses.
@@ -263,6 +306,9 @@ impl Publisher {
         }
         *slot = None;
         let ch = self.link.channel().await?;
+        if let Some(t) = &self.topology {
+            with_timeout(self.link.timeout(), t.declare(&ch)).await?;
+        }
         with_timeout(
             self.link.timeout(),
             ch.confirm_select(ConfirmSelectOptions::default()),
@@ -283,10 +329,7 @@ impl Publisher {
     ///
     /// # Errors
     /// A broker error, a timeout, a nack, or an unroutable mandatory message.
-    pub async fn publish_all<'a>(
-        &self,
-        messages: impl IntoIterator<Item = Outgoing<'a>>,
-    ) -> Result<usize, AmqpError> {
+    pub async fn publish_all(&self, messages: Vec<Outgoing<'_>>) -> Result<usize, AmqpError> {
         let result = self.publish_all_inner(messages).await;
         if let Err(e) = &result
             && !matches!(e, AmqpError::Unroutable(_) | AmqpError::Nacked)
@@ -297,10 +340,7 @@ impl Publisher {
         result
     }
 
-    async fn publish_all_inner<'a>(
-        &self,
-        messages: impl IntoIterator<Item = Outgoing<'a>>,
-    ) -> Result<usize, AmqpError> {
+    async fn publish_all_inner(&self, messages: Vec<Outgoing<'_>>) -> Result<usize, AmqpError> {
         let channel = self.confirm_channel().await?;
         let timeout = self.link.timeout();
         let mut pending: VecDeque<(PublisherConfirm, String)> = VecDeque::new();

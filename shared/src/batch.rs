@@ -183,10 +183,17 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for k in [BatchKind::CreateSalesRecords, BatchKind::ConvertSalesRecords] {
+        for k in [
+            BatchKind::CreateSalesRecords,
+            BatchKind::ConvertSalesRecords,
+        ] {
             assert_eq!(BatchKind::parse(k.as_str()), Some(k));
         }
-        for s in [BatchState::Accepted, BatchState::Running, BatchState::Completed] {
+        for s in [
+            BatchState::Accepted,
+            BatchState::Running,
+            BatchState::Completed,
+        ] {
             assert_eq!(BatchState::parse(s.as_str()), Some(s));
         }
         for s in ItemStatus::ALL {

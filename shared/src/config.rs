@@ -160,6 +160,9 @@ pub struct SplitSettings {
     pub lease_secs: u64,
     /// How often idle producers look for batches to split, in milliseconds.
     pub poll_interval_ms: u64,
+    /// A batch whose split finished but whose items have not moved for this long is
+    /// re-split (its pending items published again), in seconds.
+    pub stall_after_secs: u64,
 }
 
 /// `[outbox]`
@@ -237,6 +240,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("split.interactive_max_items", "100"),
     ("split.lease_secs", "10"),
     ("split.poll_interval_ms", "500"),
+    ("split.stall_after_secs", "120"),
     ("outbox.enabled", "true"),
     ("outbox.batch_size", "1000"),
     ("outbox.poll_interval_ms", "50"),
@@ -305,7 +309,11 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        check_url(&self.database.url, "database.url", &["postgres", "postgresql"])?;
+        check_url(
+            &self.database.url,
+            "database.url",
+            &["postgres", "postgresql"],
+        )?;
         check_url(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
         check_url(&self.redis.url, "redis.url", &["redis", "rediss"])?;
         check_name(&self.amqp.prefix, "amqp.prefix")?;
@@ -318,7 +326,10 @@ impl Settings {
         {
             return Err(ConfigError::new("auth.jwt_secret is set but empty"));
         }
-        positive(self.database.max_connections.into(), "database.max_connections")?;
+        positive(
+            self.database.max_connections.into(),
+            "database.max_connections",
+        )?;
         if self.database.min_connections > self.database.max_connections {
             return Err(ConfigError::new(
                 "database.min_connections must not exceed database.max_connections",
@@ -350,6 +361,7 @@ impl Settings {
         positive(self.split.chunk_size as u64, "split.chunk_size")?;
         positive(self.split.lease_secs, "split.lease_secs")?;
         positive(self.split.poll_interval_ms, "split.poll_interval_ms")?;
+        positive(self.split.stall_after_secs, "split.stall_after_secs")?;
         positive(self.outbox.batch_size, "outbox.batch_size")?;
         positive(self.outbox.poll_interval_ms, "outbox.poll_interval_ms")?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -466,7 +478,10 @@ mod tests {
             s.database.url.expose_secret(),
             "postgres://postgres@127.0.0.1:5432/bulkops"
         );
-        assert_eq!(s.amqp.url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            s.amqp.url.expose_secret(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
         assert_eq!(s.amqp.prefix, "bulkops");
         assert_eq!(s.amqp.events_exchange, "crm.events");
         assert_eq!(s.redis.url.expose_secret(), "redis://127.0.0.1:6379");
@@ -513,7 +528,9 @@ mod tests {
             ("BULKOPS__WORKER__CHUNK_SIZE", "many", "chunk_size"),
             ("BULKOPS__LOG__FORMAT", "xml", "log.format"),
         ] {
-            let err = Settings::load_from(&env(&[(key, value)])).unwrap_err().to_string();
+            let err = Settings::load_from(&env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expect), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
         }

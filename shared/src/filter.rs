@@ -24,10 +24,18 @@ pub const MAX_VALUE_LEN: usize = 200;
 #[serde(deny_unknown_fields)]
 pub struct SearchFilter {
     /// Conditions on the Individual itself.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "IndividualCriteria::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "IndividualCriteria::is_empty"
+    )]
     pub individual: IndividualCriteria,
     /// Conditions that one of the Individual's policies must satisfy together.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "PolicyCriteria::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "PolicyCriteria::is_empty"
+    )]
     pub policy: PolicyCriteria,
 }
 
@@ -36,37 +44,81 @@ pub struct SearchFilter {
 #[serde(deny_unknown_fields)]
 pub struct IndividualCriteria {
     /// Any of these statuses.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub status: Vec<String>,
     /// Any of these states.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub state: Vec<String>,
     /// Any of these counties.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub county: Vec<String>,
     /// Any of these ZIP codes.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub zip: Vec<String>,
     /// Any of these cities.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub city: Vec<String>,
     /// Any of these genders.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub gender: Vec<String>,
     /// Any of these lead sources.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub lead_source: Vec<String>,
     /// Any of these smoker statuses.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub smoker_status: Vec<String>,
     /// Any of these servicing agents.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub servicing_agent_id: Vec<i64>,
     /// Date of birth within this range.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "DateRange::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "DateRange::is_empty"
+    )]
     pub dob: DateRange,
     /// Created on a day (UTC) within this range.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "DateRange::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "DateRange::is_empty"
+    )]
     pub created_at: DateRange,
 }
 
@@ -75,22 +127,46 @@ pub struct IndividualCriteria {
 #[serde(deny_unknown_fields)]
 pub struct PolicyCriteria {
     /// Any of these coverage types.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub coverage_type: Vec<String>,
     /// Any of these statuses.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub status: Vec<String>,
     /// Any of these carriers.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub carrier: Vec<String>,
     /// Any of these carrier products.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub carrier_product: Vec<String>,
     /// Effective date within this range.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "DateRange::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "DateRange::is_empty"
+    )]
     pub effective_date: DateRange,
     /// Renewal date within this range.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "DateRange::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "DateRange::is_empty"
+    )]
     pub renewal_date: DateRange,
 }
 
@@ -157,7 +233,11 @@ impl FieldError {
 }
 
 /// Turns a serde error at a path into a [`FieldError`] whose message does not echo input.
-pub fn field_error_from_serde(prefix: &str, path: &serde_path_to_error::Path, msg: &str) -> FieldError {
+pub fn field_error_from_serde(
+    prefix: &str,
+    path: &serde_path_to_error::Path,
+    msg: &str,
+) -> FieldError {
     let mut field = prefix.to_owned();
     let path = path.to_string();
     if path != "." && !path.is_empty() {
@@ -209,7 +289,10 @@ impl SearchFilter {
     /// Every problem found, each naming its field.
     pub fn parse(value: &serde_json::Value, prefix: &str) -> Result<Self, Vec<FieldError>> {
         if !value.is_object() {
-            return Err(vec![FieldError::new(prefix, "wrong type: expected an object")]);
+            return Err(vec![FieldError::new(
+                prefix,
+                "wrong type: expected an object",
+            )]);
         }
         let filter: SearchFilter = serde_path_to_error::deserialize(value).map_err(|e| {
             let msg = e.inner().to_string();
@@ -284,7 +367,11 @@ impl SearchFilter {
                 errors.push(FieldError::new(p(name), "from must not be after to"));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// SQL conditions on the Individual aliased `alias`, AND-ed, for a `WHERE` clause that
@@ -441,21 +528,57 @@ mod tests {
     #[test]
     fn rejections_name_the_field_and_do_not_echo_input() {
         let cases = [
-            (json!({"individual": {"shoe_size": [1]}}), "filter.individual.shoe_size", "unknown key"),
+            (
+                json!({"individual": {"shoe_size": [1]}}),
+                "filter.individual.shoe_size",
+                "unknown key",
+            ),
             (json!({"persons": {}}), "filter.persons", "unknown key"),
-            (json!({"individual": {"state": "TX-SECRET"}}), "filter.individual.state", "wrong type"),
-            (json!({"individual": {"dob": {"from": "1950-13-45"}}}), "filter.individual.dob.from", "YYYY-MM-DD"),
-            (json!({"individual": {"dob": {"from": "yesterday"}}}), "filter.individual.dob.from", "YYYY-MM-DD"),
-            (json!({"policy": {"effective_date": {"after": "2020-01-01"}}}), "filter.policy.effective_date.after", "unknown key"),
-            (json!({"individual": {"servicing_agent_id": ["x"]}}), "filter.individual.servicing_agent_id[0]", "wrong type"),
-            (json!({"individual": {"dob": {"from": "1960-01-01", "to": "1950-01-01"}}}), "filter.individual.dob", "after"),
-            (json!({"individual": {"servicing_agent_id": [0]}}), "filter.individual.servicing_agent_id", "positive"),
+            (
+                json!({"individual": {"state": "TX-SECRET"}}),
+                "filter.individual.state",
+                "wrong type",
+            ),
+            (
+                json!({"individual": {"dob": {"from": "1950-13-45"}}}),
+                "filter.individual.dob.from",
+                "YYYY-MM-DD",
+            ),
+            (
+                json!({"individual": {"dob": {"from": "yesterday"}}}),
+                "filter.individual.dob.from",
+                "YYYY-MM-DD",
+            ),
+            (
+                json!({"policy": {"effective_date": {"after": "2020-01-01"}}}),
+                "filter.policy.effective_date.after",
+                "unknown key",
+            ),
+            (
+                json!({"individual": {"servicing_agent_id": ["x"]}}),
+                "filter.individual.servicing_agent_id[0]",
+                "wrong type",
+            ),
+            (
+                json!({"individual": {"dob": {"from": "1960-01-01", "to": "1950-01-01"}}}),
+                "filter.individual.dob",
+                "after",
+            ),
+            (
+                json!({"individual": {"servicing_agent_id": [0]}}),
+                "filter.individual.servicing_agent_id",
+                "positive",
+            ),
             (json!([1, 2]), "filter", "wrong type"),
         ];
         for (input, field, message) in cases {
             let errs = parse(input.clone()).unwrap_err();
             assert_eq!(errs[0].field, field, "{input}");
-            assert!(errs[0].message.contains(message), "{input}: {}", errs[0].message);
+            assert!(
+                errs[0].message.contains(message),
+                "{input}: {}",
+                errs[0].message
+            );
             assert!(!errs[0].message.contains("SECRET"));
         }
     }

@@ -20,6 +20,7 @@
 //! - [`mapping`]: the field mappings of the create and convert rules, as data and pure
 //!   functions that turn that data into SQL.
 //! - [`progress`]: item outcomes, batch counters and exactly-once completion.
+//! - [`permissions`]: who may search, bulk create and convert, as pure functions.
 //! - [`outbox`]: the transactional outbox and its relay to the events exchange.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`health`]: dependency checks behind `/readyz`.
@@ -37,6 +38,7 @@ pub mod mapping;
 pub mod messages;
 pub mod metrics;
 pub mod outbox;
+pub mod permissions;
 pub mod progress;
 pub mod shutdown;
 pub mod telemetry;

@@ -78,7 +78,9 @@ pub struct Locks {
 
 impl std::fmt::Debug for Locks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Locks").field("prefix", &self.prefix).finish()
+        f.debug_struct("Locks")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -171,12 +173,10 @@ impl Locks {
     /// When Redis does not answer.
     pub async fn ping(&self) -> Result<(), LockError> {
         let mut conn = self.conn.clone();
-        let _: String = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| LockError::Timeout(self.timeout))??;
+        let _: String =
+            tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
+                .await
+                .map_err(|_| LockError::Timeout(self.timeout))??;
         Ok(())
     }
 }

@@ -19,7 +19,10 @@ pub struct FieldCopy {
 }
 
 const fn same(name: &'static str) -> FieldCopy {
-    FieldCopy { from: name, to: name }
+    FieldCopy {
+        from: name,
+        to: name,
+    }
 }
 
 const fn renamed(from: &'static str, to: &'static str) -> FieldCopy {
@@ -195,7 +198,13 @@ pub fn insert_lists(fields: &[FieldCopy], source: &str) -> (String, String) {
 pub fn merge_set_list(fields: &[FieldCopy], source: &str, target: &str) -> String {
     fields
         .iter()
-        .map(|f| format!("{to} = COALESCE({source}.{from}, {target}.{to})", to = f.to, from = f.from))
+        .map(|f| {
+            format!(
+                "{to} = COALESCE({source}.{from}, {target}.{to})",
+                to = f.to,
+                from = f.from
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -227,13 +236,27 @@ mod tests {
         assert_eq!(pairs.len(), 24);
         assert!(pairs.contains(&("home_phone", "phone")));
         assert!(pairs.contains(&("dob", "birth_date")));
-        for absent in ["lead_date", "id", "agency_id", "created_at", "servicing_agent_id", "home_phone"] {
-            assert!(!CREATE_FIELDS.iter().any(|f| f.to == absent), "{absent} must not be copied");
+        for absent in [
+            "lead_date",
+            "id",
+            "agency_id",
+            "created_at",
+            "servicing_agent_id",
+            "home_phone",
+        ] {
+            assert!(
+                !CREATE_FIELDS.iter().any(|f| f.to == absent),
+                "{absent} must not be copied"
+            );
         }
         let mut targets: Vec<&str> = CREATE_FIELDS.iter().map(|f| f.to).collect();
         targets.sort_unstable();
         targets.dedup();
-        assert_eq!(targets.len(), CREATE_FIELDS.len(), "no column written twice");
+        assert_eq!(
+            targets.len(),
+            CREATE_FIELDS.len(),
+            "no column written twice"
+        );
     }
 
     #[test]
@@ -244,7 +267,10 @@ mod tests {
         assert!(pairs.contains(&("phone", "home_phone")));
         assert!(pairs.contains(&("lead_date", "lead_date")));
         for absent in ["assigned_user_id", "record_type_id", "individual_id", "id"] {
-            assert!(!CONVERT_FIELDS.iter().any(|f| f.from == absent), "{absent} must not move");
+            assert!(
+                !CONVERT_FIELDS.iter().any(|f| f.from == absent),
+                "{absent} must not move"
+            );
         }
     }
 
@@ -252,7 +278,9 @@ mod tests {
     fn create_skips_numeric_and_checkbox_custom_fields() {
         assert_eq!(
             create_copied_types(),
-            vec!["text", "textarea", "date", "dropdown", "email", "phone", "url"]
+            vec![
+                "text", "textarea", "date", "dropdown", "email", "phone", "url"
+            ]
         );
         for t in CustomFieldType::ALL {
             assert_eq!(CustomFieldType::parse(t.as_str()), Some(t));
@@ -262,7 +290,10 @@ mod tests {
     #[test]
     fn sql_lists() {
         let fields = &[same("a"), renamed("b", "c")];
-        assert_eq!(insert_lists(fields, "s"), ("a, c".to_owned(), "s.a, s.b".to_owned()));
+        assert_eq!(
+            insert_lists(fields, "s"),
+            ("a, c".to_owned(), "s.a, s.b".to_owned())
+        );
         assert_eq!(
             merge_set_list(fields, "s", "t"),
             "a = COALESCE(s.a, t.a), c = COALESCE(s.b, t.c)"

@@ -76,8 +76,8 @@ impl WorkMessage {
         struct Versioned {
             v: u8,
         }
-        let versioned: Versioned = serde_json::from_slice(body)
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let versioned: Versioned =
+            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if versioned.v != VERSION {
             return Err(DecodeError::UnsupportedVersion(versioned.v));
         }
@@ -117,11 +117,15 @@ mod tests {
             Err(DecodeError::UnsupportedVersion(2))
         ));
         assert!(matches!(
-            WorkMessage::decode(br#"{"v":1,"op":"delete_everything","batch_id":1,"seq":1,"target_id":1}"#),
+            WorkMessage::decode(
+                br#"{"v":1,"op":"delete_everything","batch_id":1,"seq":1,"target_id":1}"#
+            ),
             Err(DecodeError::Malformed(_))
         ));
         assert!(matches!(
-            WorkMessage::decode(br#"{"v":1,"op":"convert_sales_record","batch_id":1,"seq":0,"target_id":1}"#),
+            WorkMessage::decode(
+                br#"{"v":1,"op":"convert_sales_record","batch_id":1,"seq":0,"target_id":1}"#
+            ),
             Err(DecodeError::Malformed(_))
         ));
     }

@@ -8,8 +8,8 @@
 //! bounded by the number of batches running at once. The README lists every metric.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Registration failed: a programming error (a name defined twice), reported at start-up.
@@ -67,7 +67,12 @@ fn histogram_vec(
     Ok(h)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricsError> {
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, MetricsError> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
@@ -167,7 +172,7 @@ pub struct ProducerMetrics {
     pub http_requests: IntCounterVec,
     /// `bulkops_http_request_duration_seconds{route,method}`
     pub http_duration: HistogramVec,
-    /// `bulkops_batches_accepted_total{kind,lane}`
+    /// `bulkops_batches_accepted_total{kind}`
     pub batches_accepted: IntCounterVec,
     /// `bulkops_batch_accept_duration_seconds{kind}`
     pub accept_duration: HistogramVec,
@@ -224,8 +229,8 @@ impl ProducerMetrics {
             batches_accepted: counter_vec(
                 &r,
                 "bulkops_batches_accepted_total",
-                "Batches accepted (items frozen), by kind and lane.",
-                &["kind", "lane"],
+                "Batches accepted (items frozen), by kind.",
+                &["kind"],
             )?,
             accept_duration: histogram_vec(
                 &r,
@@ -426,8 +431,12 @@ mod tests {
     fn every_metric_is_prefixed_and_registers_once() {
         let p = ProducerMetrics::new().unwrap();
         let w = WorkerMetrics::new().unwrap();
-        p.http_requests.with_label_values(&["/x", "GET", "200"]).inc();
-        w.items_processed.with_label_values(&["create", "created"]).inc();
+        p.http_requests
+            .with_label_values(&["/x", "GET", "200"])
+            .inc();
+        w.items_processed
+            .with_label_values(&["create", "created"])
+            .inc();
         for text in [encode(&p.registry), encode(&w.registry)] {
             for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
                 let name = line.split_whitespace().nth(2).unwrap();

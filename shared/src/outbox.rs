@@ -54,7 +54,9 @@ pub fn event_body(
     body.insert("event_id".into(), event_id.to_string().into());
     body.insert(
         "occurred_at".into(),
-        occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true).into(),
+        occurred_at
+            .to_rfc3339_opts(SecondsFormat::Micros, true)
+            .into(),
     );
     if let Some(fields) = payload.as_object() {
         for (k, v) in fields {
@@ -149,17 +151,20 @@ impl OutboxRelay {
             ids.push(id);
             messages.push((routing_key, body, event_id, created_at));
         }
-        let outgoing = messages.iter().map(|(key, body, event_id, at)| Outgoing {
-            exchange: &self.exchange,
-            routing_key: key,
-            body,
-            properties: json_properties()
-                .with_message_id(ShortString::from(event_id.to_string()))
-                .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0)),
-            // Events are routed by the CRM's bindings; with none bound the broker drops
-            // them, which is the CRM's configuration, not a failure to retry for ever.
-            mandatory: false,
-        });
+        let outgoing: Vec<Outgoing<'_>> = messages
+            .iter()
+            .map(|(key, body, event_id, at)| Outgoing {
+                exchange: &self.exchange,
+                routing_key: key,
+                body,
+                properties: json_properties()
+                    .with_message_id(ShortString::from(event_id.to_string()))
+                    .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0)),
+                // Events are routed by the CRM's bindings; with none bound the broker drops
+                // them, which is the CRM's configuration, not a failure to retry for ever.
+                mandatory: false,
+            })
+            .collect();
         self.publisher.publish_all(outgoing).await?;
         tx.execute_raw(stmt(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])",

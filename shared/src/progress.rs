@@ -68,8 +68,8 @@ pub async fn record_outcomes(
               SET n_created = n_created + $2, n_converted = n_converted + $3,
                   n_skipped = n_skipped + $4, n_failed = n_failed + $5,
                   state = CASE WHEN n_created + n_converted + n_skipped + n_failed + $6 >= total
-                               THEN 'completed' ELSE 'running' END,
-                  started_at = COALESCE(started_at, now()),
+                               THEN 'completed' ELSE state END,
+                  progress_at = clock_timestamp(),
                   completed_at = CASE WHEN n_created + n_converted + n_skipped + n_failed + $6 >= total
                                       THEN COALESCE(completed_at, clock_timestamp()) END
             WHERE id = $1

@@ -244,7 +244,10 @@ mod tests {
         }
         assert!(t.dead_letter_exchange().starts_with("bulkops."));
         assert_eq!(t.work_queue(Lane::Bulk), "bulkops.work.bulk");
-        assert_eq!(t.retry_queue(Lane::Interactive, 2), "bulkops.retry.interactive.2");
+        assert_eq!(
+            t.retry_queue(Lane::Interactive, 2),
+            "bulkops.retry.interactive.2"
+        );
         assert_eq!(t.all_queues().len(), 2 + 4 + 2);
     }
 

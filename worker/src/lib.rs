@@ -1,1 +1,148 @@
-//! placeholder
+//! The bulkops worker: consumes per-record messages and carries out bulk create and
+//! conversion, idempotently, many deliveries per transaction.
+//!
+//! # Layout
+//! - [`consumer`]: one consumer per lane; prefetch, bounded concurrency, batching, drain.
+//! - [`process`]: the chunk pipeline (locks, transaction, ack after commit, retries,
+//!   dead letters).
+//! - [`create`], [`convert`]: each job's rules as set-based SQL over a chunk.
+//! - [`meta`]: cached batch facts.
+//! - [`retry`]: failure classes, retry tiers, attempt history headers.
+//! - [`deadletter`]: records the failure of dead-lettered items.
+//! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod consumer;
+pub mod convert;
+pub mod create;
+pub mod deadletter;
+pub mod meta;
+pub mod process;
+pub mod retry;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkops_shared::amqp::{AmqpLink, Publisher};
+use bulkops_shared::batch::Lane;
+use bulkops_shared::config::Settings;
+use bulkops_shared::lock::Locks;
+use bulkops_shared::metrics::WorkerMetrics;
+use bulkops_shared::outbox::OutboxRelay;
+use bulkops_shared::topology::Topology;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::consumer::LaneConfig;
+use crate::process::Processor;
+
+/// Runs a worker until `shutdown`, then drains within `worker.drain_timeout_secs`.
+///
+/// # Errors
+/// When the configuration is unusable or `metrics.bind` cannot be bound.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&settings.metrics.bind)
+        .await
+        .with_context(|| format!("cannot listen on metrics.bind {}", settings.metrics.bind))?;
+    let db = bulkops_shared::db::connect(&settings.database)
+        .await
+        .context("database.url")?;
+    let metrics = WorkerMetrics::new().context("metrics")?;
+    let locks = Locks::connect(&settings.redis).context("redis.url")?;
+    let topology = Topology::from_settings(&settings);
+    let consume_link =
+        Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-consume").context("amqp.url")?);
+    let publish_link =
+        Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-publish").context("amqp.url")?);
+    let processor = Arc::new(Processor {
+        db: db.clone(),
+        locks: locks.clone(),
+        meta: meta::MetaCache::new(db.clone()),
+        publisher: Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
+            .with_topology(topology.clone()),
+        topology: topology.clone(),
+        settings: settings.worker.clone(),
+        metrics: metrics.clone(),
+    });
+
+    let tasks = TaskTracker::new();
+    let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
+    for (lane, concurrency) in [
+        (Lane::Bulk, settings.worker.concurrency),
+        (Lane::Interactive, 1),
+    ] {
+        tasks.spawn(consumer::run(
+            consume_link.clone(),
+            topology.clone(),
+            processor.clone(),
+            LaneConfig {
+                lane,
+                concurrency,
+                chunk_size: settings.worker.chunk_size,
+                prefetch: settings.amqp.prefetch,
+                drain_timeout: drain,
+            },
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(deadletter::run(
+        consume_link.clone(),
+        topology.clone(),
+        db.clone(),
+        shutdown.clone(),
+    ));
+    let relay_stop = CancellationToken::new();
+    let relay_task = if settings.outbox.enabled {
+        let relay = OutboxRelay::new(
+            db.clone(),
+            Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
+                .with_topology(topology.clone()),
+            topology.events_exchange().to_owned(),
+            settings.outbox.batch_size,
+            Duration::from_millis(settings.outbox.poll_interval_ms),
+            metrics.outbox.clone(),
+        );
+        Some(tokio::spawn(relay.run(relay_stop.clone())))
+    } else {
+        None
+    };
+    tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
+    tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
+    let probe = server::Probe {
+        db: db.clone(),
+        links: vec![consume_link.clone(), publish_link.clone()],
+        locks,
+        metrics,
+    };
+    let addr = listener.local_addr().context("metrics address")?;
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, server::router(probe))
+            .with_graceful_shutdown(server_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(%addr, "bulkops-worker running; metrics on {addr}");
+    tasks.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("draining");
+    if tokio::time::timeout(drain + Duration::from_secs(1), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline reached");
+    }
+    // Events of the work finished during the drain leave before the relay stops.
+    relay_stop.cancel();
+    if let Some(t) = relay_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    server_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    consume_link.close().await;
+    publish_link.close().await;
+    db.close().await.ok();
+    tracing::info!("bulkops-worker stopped");
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Accepting a batch: one transaction that records the request, freezes its items with
+//! one set-based `INSERT … SELECT`, settles at once the items that need no work, stores
+//! the idempotent answer, and hands the batch to this producer's splitter.
+//!
+//! Items decided at acceptance get no message: for a bulk create, Individuals that already
+//! have a Sales Record are `skipped` (`already_has_sales_record`, result_id = that record);
+//! for a conversion, ids that are not Sales Records of the agency are `failed`
+//! (`not_found`), ones converted earlier are `skipped` (`already_converted`, result_id =
+//! the Individual), and records of a type the user lacks full rights on are `failed`
+//! (`forbidden`). Workers apply the same rules again when they process an item, because the
+//! database may change between acceptance and processing.
+
+use bulkops_shared::batch::{BatchKind, Lane, reason};
+use bulkops_shared::db::stmt;
+use bulkops_shared::filter::SearchFilter;
+use bulkops_shared::ids::BatchId;
+use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::auth::Caller;
+use crate::problem::ApiError;
+
+/// What the batch is made of.
+#[derive(Debug, Clone)]
+pub enum Targets {
+    /// Every Individual the filter finds now gets a Sales Record of this type.
+    Search {
+        /// The filter (from the request or the saved search).
+        filter: Box<SearchFilter>,
+        /// The saved search it came from, if any.
+        saved_search_id: Option<i64>,
+        /// The new records' type.
+        record_type_id: i64,
+        /// When given, the number of Individuals the caller expects (409 otherwise).
+        expected_total: Option<i64>,
+    },
+    /// These Sales Records are converted (duplicates already removed or not; they count once).
+    Conversion {
+        /// The ids as requested.
+        ids: Vec<i64>,
+    },
+}
+
+/// An `Idempotency-Key` and what it was used for.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The header's value.
+    pub key: String,
+    /// The endpoint, so a key reused on another endpoint is refused.
+    pub endpoint: &'static str,
+    /// A hash of the parsed request, so a key reused with another body is refused.
+    pub request_hash: String,
+}
+
+impl IdempotencyKey {
+    /// A key for `endpoint` and the canonical form of `request`.
+    pub fn new(key: String, endpoint: &'static str, request: &impl Serialize) -> Self {
+        let canonical = serde_json::to_vec(request).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(endpoint.as_bytes());
+        h.update([0]);
+        h.update(&canonical);
+        Self {
+            key,
+            endpoint,
+            request_hash: hex::encode(h.finalize()),
+        }
+    }
+}
+
+/// The 202 answer.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AcceptedBatch {
+    /// The new batch.
+    pub batch_id: i64,
+    /// Items frozen into it (already linked or not found included).
+    pub total: i64,
+}
+
+/// The result of an accept call.
+#[derive(Debug)]
+pub enum Acceptance {
+    /// A new batch (the splitter should be woken).
+    New {
+        /// The answer.
+        batch: AcceptedBatch,
+        /// Whether it still has items to publish.
+        needs_split: bool,
+    },
+    /// The same key was used before for the same request: its stored answer.
+    Replayed(AcceptedBatch),
+}
+
+/// Accepts a batch for `caller`.
+///
+/// # Errors
+/// 409 on an `expected_total` mismatch, 422 on a key reused for another request, 503/500
+/// on database failures.
+pub async fn accept(
+    db: &DatabaseConnection,
+    caller: &Caller,
+    targets: &Targets,
+    idempotency: Option<&IdempotencyKey>,
+    interactive_max_items: u64,
+    split_owner: uuid::Uuid,
+    lease_secs: u64,
+) -> Result<Acceptance, ApiError> {
+    let tx = db.begin().await.map_err(ApiError::db)?;
+    if let Some(key) = idempotency
+        && let Some(replay) = claim_key(&tx, caller, key).await?
+    {
+        tx.rollback().await.map_err(ApiError::db)?;
+        return Ok(Acceptance::Replayed(replay));
+    }
+    let kind = match targets {
+        Targets::Search { .. } => BatchKind::CreateSalesRecords,
+        Targets::Conversion { .. } => BatchKind::ConvertSalesRecords,
+    };
+    let (record_type_id, saved_search_id, filter_json) = match targets {
+        Targets::Search {
+            filter,
+            saved_search_id,
+            record_type_id,
+            ..
+        } => (
+            Some(*record_type_id),
+            *saved_search_id,
+            Some(serde_json::to_value(filter).map_err(|e| ApiError::Internal(e.into()))?),
+        ),
+        Targets::Conversion { .. } => (None, None, None),
+    };
+    let row = tx
+        .query_one_raw(stmt(
+            "INSERT INTO bulk_batches (agency_id, kind, lane, requested_by, record_type_id, saved_search_id, filter)
+             VALUES ($1, $2, 'bulk', $3, $4, $5, $6) RETURNING id",
+            [
+                caller.agency_id.into(),
+                kind.as_str().into(),
+                caller.user_id.into(),
+                record_type_id.into(),
+                saved_search_id.into(),
+                filter_json.into(),
+            ],
+        ))
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("batch insert returned no row")))?;
+    let batch_id = BatchId(row.try_get("", "id").map_err(ApiError::db)?);
+
+    let (total, delta) = match targets {
+        Targets::Search { filter, .. } => freeze_search(&tx, batch_id, caller, filter).await?,
+        Targets::Conversion { ids } => freeze_conversion(&tx, batch_id, caller, ids).await?,
+    };
+    if let Targets::Search {
+        expected_total: Some(expected),
+        ..
+    } = targets
+        && *expected != total
+    {
+        tx.rollback().await.map_err(ApiError::db)?;
+        return Err(ApiError::Conflict(format!(
+            "the search now finds {total} Individuals, not the expected {expected}; preview again and resubmit"
+        )));
+    }
+    let presettled = delta.total();
+    let to_publish = total - presettled;
+    let lane = Lane::for_total(
+        u64::try_from(to_publish).unwrap_or(0),
+        interactive_max_items,
+    );
+    tx.execute_raw(stmt(
+        "UPDATE bulk_batches
+            SET total = $2, lane = $3, n_presettled = $4,
+                split_owner = $5, split_lease_until = clock_timestamp() + make_interval(secs => $6)
+          WHERE id = $1",
+        [
+            batch_id.into(),
+            total.into(),
+            lane.as_str().into(),
+            presettled.into(),
+            split_owner.into(),
+            (lease_secs as f64).into(),
+        ],
+    ))
+    .await
+    .map_err(ApiError::db)?;
+    let completed = record_outcomes(&tx, batch_id, delta)
+        .await
+        .map_err(ApiError::db)?;
+    if completed || to_publish == 0 {
+        tx.execute_raw(stmt(
+            "UPDATE bulk_batches SET split_done_at = clock_timestamp(), split_owner = NULL,
+                    split_lease_until = NULL WHERE id = $1",
+            [batch_id.into()],
+        ))
+        .await
+        .map_err(ApiError::db)?;
+    }
+    let answer = AcceptedBatch {
+        batch_id: batch_id.0,
+        total,
+    };
+    if let Some(key) = idempotency {
+        tx.execute_raw(stmt(
+            "UPDATE idempotency_keys SET status_code = 202, response = $3, batch_id = $4
+              WHERE user_id = $1 AND key = $2",
+            [
+                caller.user_id.into(),
+                key.key.clone().into(),
+                serde_json::to_value(&answer)
+                    .map_err(|e| ApiError::Internal(e.into()))?
+                    .into(),
+                batch_id.into(),
+            ],
+        ))
+        .await
+        .map_err(ApiError::db)?;
+    }
+    tx.commit().await.map_err(ApiError::db)?;
+    tracing::info!(batch_id = %batch_id, kind = kind.as_str(), total, presettled, lane = lane.as_str(), "batch accepted");
+    Ok(Acceptance::New {
+        batch: answer,
+        needs_split: to_publish > 0,
+    })
+}
+
+/// Claims the key for this request, or returns the answer stored for it. A concurrent
+/// request with the same key waits here for the first to commit, then replays its answer.
+async fn claim_key(
+    tx: &DatabaseTransaction,
+    caller: &Caller,
+    key: &IdempotencyKey,
+) -> Result<Option<AcceptedBatch>, ApiError> {
+    let inserted = tx
+        .query_one_raw(stmt(
+            "INSERT INTO idempotency_keys (user_id, key, agency_id, endpoint, request_hash, status_code, response)
+             VALUES ($1, $2, $3, $4, $5, 0, '{}'::jsonb)
+             ON CONFLICT (user_id, key) DO NOTHING RETURNING 1 AS claimed",
+            [
+                caller.user_id.into(),
+                key.key.clone().into(),
+                caller.agency_id.into(),
+                key.endpoint.into(),
+                key.request_hash.clone().into(),
+            ],
+        ))
+        .await
+        .map_err(ApiError::db)?;
+    if inserted.is_some() {
+        return Ok(None);
+    }
+    let stored = tx
+        .query_one_raw(stmt(
+            "SELECT endpoint, request_hash, response FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+            [caller.user_id.into(), key.key.clone().into()],
+        ))
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("idempotency key vanished")))?;
+    let endpoint: String = stored.try_get("", "endpoint").map_err(ApiError::db)?;
+    let hash: String = stored.try_get("", "request_hash").map_err(ApiError::db)?;
+    if endpoint != key.endpoint || hash != key.request_hash {
+        return Err(ApiError::Unprocessable(
+            "this Idempotency-Key was already used for a different request".to_owned(),
+        ));
+    }
+    let response: serde_json::Value = stored.try_get("", "response").map_err(ApiError::db)?;
+    let answer: AcceptedBatch =
+        serde_json::from_value(response).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(Some(answer))
+}
+
+/// Freezes the Individuals the filter finds now. Returns the total and the outcomes
+/// settled at once.
+async fn freeze_search(
+    tx: &DatabaseTransaction,
+    batch_id: BatchId,
+    caller: &Caller,
+    filter: &SearchFilter,
+) -> Result<(i64, OutcomeDelta), ApiError> {
+    let mut params: Vec<Value> = vec![batch_id.into(), caller.agency_id.into()];
+    let conditions = filter.to_sql("i", &mut params);
+    let sql = format!(
+        "WITH ins AS (
+           INSERT INTO bulk_items (batch_id, seq, target_id, status, result_id, reason, updated_at)
+           SELECT $1, row_number() OVER (ORDER BY i.id), i.id,
+                  CASE WHEN sr.id IS NULL THEN 'pending' ELSE 'skipped' END,
+                  sr.id,
+                  CASE WHEN sr.id IS NULL THEN NULL ELSE '{already}' END,
+                  CASE WHEN sr.id IS NULL THEN NULL ELSE clock_timestamp() END
+             FROM individuals i
+             LEFT JOIN sales_records sr ON sr.individual_id = i.id
+            WHERE i.agency_id = $2 AND {conditions}
+           RETURNING status
+         )
+         SELECT count(*) AS total, count(*) FILTER (WHERE status = 'skipped') AS skipped FROM ins",
+        already = reason::ALREADY_HAS_SALES_RECORD,
+    );
+    let row = tx
+        .query_one_raw(stmt(sql, params))
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
+    let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
+    let skipped: i64 = row.try_get("", "skipped").map_err(ApiError::db)?;
+    Ok((
+        total,
+        OutcomeDelta {
+            skipped,
+            ..OutcomeDelta::default()
+        },
+    ))
+}
+
+/// Freezes the requested Sales Record ids (each once, in the order first given).
+async fn freeze_conversion(
+    tx: &DatabaseTransaction,
+    batch_id: BatchId,
+    caller: &Caller,
+    ids: &[i64],
+) -> Result<(i64, OutcomeDelta), ApiError> {
+    let sql = format!(
+        "WITH ids AS (
+           SELECT u.id, min(u.ord) AS ord FROM unnest($3::bigint[]) WITH ORDINALITY AS u(id, ord) GROUP BY u.id
+         ), allowed AS (
+           SELECT p.record_type_id FROM user_sales_permissions p
+            WHERE p.user_id = $4 AND p.can_view AND p.can_edit AND p.can_delete
+         ), ins AS (
+           INSERT INTO bulk_items (batch_id, seq, target_id, status, result_id, reason, updated_at)
+           SELECT $1, row_number() OVER (ORDER BY ids.ord), ids.id, d.status,
+                  CASE WHEN d.status = 'skipped' THEN cl.individual_id END,
+                  d.reason,
+                  CASE WHEN d.status = 'pending' THEN NULL ELSE clock_timestamp() END
+             FROM ids
+             LEFT JOIN sales_records sr ON sr.id = ids.id AND sr.agency_id = $2
+             LEFT JOIN conversion_log cl ON cl.sales_record_id = ids.id AND cl.agency_id = $2
+             LEFT JOIN allowed a ON a.record_type_id = sr.record_type_id
+             CROSS JOIN LATERAL (
+               SELECT CASE WHEN sr.id IS NOT NULL AND a.record_type_id IS NOT NULL THEN 'pending'
+                           WHEN sr.id IS NOT NULL THEN 'failed'
+                           WHEN cl.sales_record_id IS NOT NULL THEN 'skipped'
+                           ELSE 'failed' END AS status,
+                      CASE WHEN sr.id IS NOT NULL AND a.record_type_id IS NOT NULL THEN NULL
+                           WHEN sr.id IS NOT NULL THEN '{forbidden}'
+                           WHEN cl.sales_record_id IS NOT NULL THEN '{converted}'
+                           ELSE '{not_found}' END AS reason
+             ) d
+           RETURNING status
+         )
+         SELECT count(*) AS total,
+                count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                count(*) FILTER (WHERE status = 'failed') AS failed
+           FROM ins",
+        forbidden = reason::FORBIDDEN,
+        converted = reason::ALREADY_CONVERTED,
+        not_found = reason::NOT_FOUND,
+    );
+    let row = tx
+        .query_one_raw(stmt(
+            sql,
+            [
+                batch_id.into(),
+                caller.agency_id.into(),
+                ids.to_vec().into(),
+                caller.user_id.into(),
+            ],
+        ))
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
+    let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
+    Ok((
+        total,
+        OutcomeDelta {
+            skipped: row.try_get("", "skipped").map_err(ApiError::db)?,
+            failed: row.try_get("", "failed").map_err(ApiError::db)?,
+            ..OutcomeDelta::default()
+        },
+    ))
+}

@@ -1,0 +1,6 @@
+//! `bulkops`: the operator's command line (see `bulkops --help`).
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    bulkops_producer::cli::main().await
+}

@@ -1,0 +1,427 @@
+//! Batch progress: list, one batch, its items (paged, or as a streamed CSV).
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use bulkops_shared::batch::{BatchKind, BatchState, ItemStatus};
+use bulkops_shared::db::stmt;
+use bulkops_shared::ids::BatchId;
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, QueryResult, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Caller;
+use crate::extract::{ApiQuery, int_from_str};
+use crate::problem::{ApiError, Problem};
+use crate::routes::search::{csv_line, csv_response};
+use crate::state::AppState;
+
+/// Largest page of batches or items.
+const MAX_LIMIT: i64 = 1000;
+/// Items per round while streaming CSV.
+const CSV_PAGE: i64 = 10_000;
+
+/// Items per outcome.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Counts {
+    /// No outcome yet.
+    pub pending: i64,
+    /// Sales Records created.
+    pub created: i64,
+    /// Sales Records converted.
+    pub converted: i64,
+    /// Skipped (see each item's reason).
+    pub skipped: i64,
+    /// Failed (see each item's reason).
+    pub failed: i64,
+}
+
+/// A batch and its progress.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchView {
+    /// The batch.
+    pub id: i64,
+    /// What it does.
+    pub kind: BatchKind,
+    /// `accepted`, `running` or `completed`.
+    pub state: BatchState,
+    /// Items frozen into it.
+    pub total: i64,
+    /// Items per outcome; they add up to `total`.
+    pub counts: Counts,
+    /// The acting user.
+    pub requested_by: i64,
+    /// The Sales Record type created (bulk create).
+    pub record_type_id: Option<i64>,
+    /// The filter used (bulk create).
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<serde_json::Value>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When its last item got its outcome.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A page of batches.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchList {
+    /// Newest first.
+    pub items: Vec<BatchView>,
+}
+
+/// One item of a batch.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ItemView {
+    /// Position in the batch (1-based).
+    pub seq: i64,
+    /// The Individual (create) or Sales Record (convert).
+    pub target_id: i64,
+    /// Its status.
+    pub status: ItemStatus,
+    /// The Sales Record created, or the Individual converted into.
+    pub result_id: Option<i64>,
+    /// Why it was skipped or failed.
+    pub reason: Option<String>,
+}
+
+/// A page of items.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemPage {
+    /// By seq.
+    pub items: Vec<ItemView>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next_after: Option<i64>,
+}
+
+/// Filters of the batch list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BatchListQuery {
+    /// `create_sales_records` or `convert_sales_records`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// `accepted`, `running` or `completed`.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// 1 to 1000 (default 50).
+    #[serde(default, deserialize_with = "int_from_str::option")]
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<i64>,
+}
+
+/// Filters and paging of a batch's items.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ItemQuery {
+    /// Only items with this status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Items with a seq greater than this.
+    #[serde(default, deserialize_with = "int_from_str::option")]
+    #[param(value_type = Option<i64>)]
+    pub after: Option<i64>,
+    /// 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "int_from_str::option")]
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<i64>,
+}
+
+const BATCH_COLUMNS: &str = "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
+     requested_by, record_type_id, filter, created_at, completed_at";
+
+/// Reads a batch row.
+///
+/// # Errors
+/// Database errors (a row of an unknown kind or state is one).
+pub fn batch_from_row(r: &QueryResult) -> Result<BatchView, sea_orm::DbErr> {
+    let kind: String = r.try_get("", "kind")?;
+    let state: String = r.try_get("", "state")?;
+    let total: i64 = r.try_get("", "total")?;
+    let created: i64 = r.try_get("", "n_created")?;
+    let converted: i64 = r.try_get("", "n_converted")?;
+    let skipped: i64 = r.try_get("", "n_skipped")?;
+    let failed: i64 = r.try_get("", "n_failed")?;
+    Ok(BatchView {
+        id: r.try_get("", "id")?,
+        kind: BatchKind::parse(&kind)
+            .ok_or_else(|| sea_orm::DbErr::Type(format!("batch kind {kind}")))?,
+        state: BatchState::parse(&state)
+            .ok_or_else(|| sea_orm::DbErr::Type(format!("batch state {state}")))?,
+        total,
+        counts: Counts {
+            pending: total - created - converted - skipped - failed,
+            created,
+            converted,
+            skipped,
+            failed,
+        },
+        requested_by: r.try_get("", "requested_by")?,
+        record_type_id: r.try_get("", "record_type_id")?,
+        filter: r.try_get("", "filter")?,
+        created_at: r.try_get("", "created_at")?,
+        completed_at: r.try_get("", "completed_at")?,
+    })
+}
+
+fn item_from_row(r: &QueryResult) -> Result<ItemView, sea_orm::DbErr> {
+    let status: String = r.try_get("", "status")?;
+    Ok(ItemView {
+        seq: r.try_get("", "seq")?,
+        target_id: r.try_get("", "target_id")?,
+        status: ItemStatus::parse(&status)
+            .ok_or_else(|| sea_orm::DbErr::Type(format!("item status {status}")))?,
+        result_id: r.try_get("", "result_id")?,
+        reason: r.try_get("", "reason")?,
+    })
+}
+
+fn limit_of(limit: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
+fn batch_id_of(raw: &str) -> Result<BatchId, ApiError> {
+    raw.parse::<i64>()
+        .map(BatchId)
+        .map_err(|_| ApiError::field("id", "must be an integer"))
+}
+
+/// Lists the agency's batches, newest first.
+#[utoipa::path(
+    get, path = "/v1/batches", tag = "batches",
+    params(BatchListQuery),
+    responses(
+        (status = 200, description = "The agency's batches, newest first", body = BatchList),
+        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<BatchListQuery>,
+) -> Result<axum::Json<BatchList>, ApiError> {
+    let limit = limit_of(q.limit, 50)?;
+    let mut params: Vec<Value> = vec![caller.agency_id.into()];
+    let mut sql = format!("SELECT {BATCH_COLUMNS} FROM bulk_batches WHERE agency_id = $1");
+    if let Some(kind) = q.kind.filter(|k| !k.is_empty()) {
+        let kind = BatchKind::parse(&kind).ok_or_else(|| {
+            ApiError::field(
+                "kind",
+                "must be create_sales_records or convert_sales_records",
+            )
+        })?;
+        params.push(kind.as_str().into());
+        sql.push_str(&format!(" AND kind = ${}", params.len()));
+    }
+    if let Some(st) = q.state.filter(|s| !s.is_empty()) {
+        let st = BatchState::parse(&st)
+            .ok_or_else(|| ApiError::field("state", "must be accepted, running or completed"))?;
+        params.push(st.as_str().into());
+        sql.push_str(&format!(" AND state = ${}", params.len()));
+    }
+    params.push(limit.into());
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+    let rows = state
+        .db
+        .query_all_raw(stmt(sql, params))
+        .await
+        .map_err(ApiError::db)?;
+    let items = rows
+        .iter()
+        .map(batch_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::db)?;
+    Ok(axum::Json(BatchList { items }))
+}
+
+/// Reads one batch of the agency.
+///
+/// # Errors
+/// 404 when it is not the agency's.
+pub async fn load_batch(
+    state: &AppState,
+    caller: &Caller,
+    id: BatchId,
+) -> Result<BatchView, ApiError> {
+    let row = state
+        .db
+        .query_one_raw(stmt(
+            format!("SELECT {BATCH_COLUMNS} FROM bulk_batches WHERE id = $1 AND agency_id = $2"),
+            [id.into(), caller.agency_id.into()],
+        ))
+        .await
+        .map_err(ApiError::db)?
+        .ok_or(ApiError::NotFound("batch"))?;
+    batch_from_row(&row).map_err(ApiError::db)
+}
+
+/// One batch and its progress.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}", tag = "batches",
+    params(("id" = i64, Path, description = "Batch id")),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 400, description = "The id is not an integer", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such batch in the agency", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<BatchView>, ApiError> {
+    let id = batch_id_of(&id)?;
+    Ok(axum::Json(load_batch(&state, &caller, id).await?))
+}
+
+fn status_of(raw: Option<String>) -> Result<Option<ItemStatus>, ApiError> {
+    match raw.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => ItemStatus::parse(&s).map(Some).ok_or_else(|| {
+            ApiError::field(
+                "status",
+                "must be pending, created, converted, skipped or failed",
+            )
+        }),
+    }
+}
+
+/// A page of a batch's items, by seq.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/items", tag = "batches",
+    params(("id" = i64, Path, description = "Batch id"), ItemQuery),
+    responses(
+        (status = 200, description = "A page of items", body = ItemPage),
+        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such batch in the agency", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn items(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ItemQuery>,
+) -> Result<axum::Json<ItemPage>, ApiError> {
+    let id = batch_id_of(&id)?;
+    let limit = limit_of(q.limit, 100)?;
+    let status = status_of(q.status)?;
+    load_batch(&state, &caller, id).await?;
+    let mut params: Vec<Value> = vec![id.into(), q.after.unwrap_or(0).into(), (limit + 1).into()];
+    let mut sql = "SELECT seq, target_id, status, result_id, reason FROM bulk_items
+                    WHERE batch_id = $1 AND seq > $2"
+        .to_owned();
+    if let Some(st) = status {
+        params.push(st.as_str().into());
+        sql.push_str(&format!(" AND status = ${}", params.len()));
+    }
+    sql.push_str(" ORDER BY seq LIMIT $3");
+    let rows = state
+        .db
+        .query_all_raw(stmt(sql, params))
+        .await
+        .map_err(ApiError::db)?;
+    let mut items = rows
+        .iter()
+        .map(item_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::db)?;
+    let next_after = if items.len() as i64 > limit {
+        items.truncate(usize::try_from(limit).unwrap_or(0));
+        items.last().map(|i| i.seq)
+    } else {
+        None
+    };
+    Ok(axum::Json(ItemPage { items, next_after }))
+}
+
+/// Every item of a batch as CSV, streamed.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/items.csv", tag = "batches",
+    params(("id" = i64, Path, description = "Batch id")),
+    responses(
+        (status = 200, description = "Header row, then one row per item", content_type = "text/csv", body = String),
+        (status = 400, description = "The id is not an integer", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such batch in the agency", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn items_csv(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = batch_id_of(&id)?;
+    load_batch(&state, &caller, id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let db = state.db.clone();
+    tokio::spawn(async move {
+        if tx
+            .send(Ok(csv_line(&[
+                "seq",
+                "target_id",
+                "status",
+                "result_id",
+                "reason",
+            ])))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut after = 0_i64;
+        loop {
+            let rows = match db
+                .query_all_raw(stmt(
+                    "SELECT seq, target_id, status, result_id, reason FROM bulk_items
+                      WHERE batch_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    [id.into(), after.into(), CSV_PAGE.into()],
+                ))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(batch_id = %id, error = %e, "items.csv stream failed");
+                    let _ = tx.send(Err(std::io::Error::other("export failed"))).await;
+                    return;
+                }
+            };
+            let mut buf = Vec::with_capacity(rows.len() * 40);
+            for r in &rows {
+                let Ok(item) = item_from_row(r) else {
+                    let _ = tx.send(Err(std::io::Error::other("export failed"))).await;
+                    return;
+                };
+                after = item.seq;
+                buf.extend_from_slice(&csv_line(&[
+                    &item.seq.to_string(),
+                    &item.target_id.to_string(),
+                    item.status.as_str(),
+                    &item.result_id.map(|v| v.to_string()).unwrap_or_default(),
+                    item.reason.as_deref().unwrap_or(""),
+                ]));
+            }
+            if !buf.is_empty() && tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+                return;
+            }
+            if (rows.len() as i64) < CSV_PAGE {
+                return;
+            }
+        }
+    });
+    Ok(csv_response(rx, &format!("batch-{id}-items.csv")))
+}

@@ -1,0 +1,304 @@
+//! `POST /v1/individuals/search` and `POST /v1/individuals/search.csv`.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bulkops_shared::db::stmt;
+use bulkops_shared::filter::SearchFilter;
+use futures_util::StreamExt;
+use sea_orm::{AccessMode, ConnectionTrait, IsolationLevel, TransactionTrait, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{Caller, require};
+use crate::extract::ApiJson;
+use crate::problem::{ApiError, Problem};
+use crate::state::AppState;
+
+/// Largest page.
+pub const MAX_LIMIT: i64 = 1000;
+/// Rows fetched per round while streaming CSV.
+const CSV_PAGE: i64 = 5000;
+
+/// A search request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The filter (`{}` matches every Individual of the agency).
+    #[serde(default)]
+    pub filter: SearchFilter,
+    /// Return Individuals with an id greater than this (keyset paging).
+    #[serde(default)]
+    pub after: Option<i64>,
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// A CSV export request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchCsvRequest {
+    /// The filter.
+    #[serde(default)]
+    pub filter: SearchFilter,
+}
+
+/// One Individual found.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchItem {
+    /// The Individual.
+    pub id: i64,
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Status.
+    pub status: Option<String>,
+    /// State.
+    pub state: Option<String>,
+    /// Servicing agent.
+    pub servicing_agent_id: Option<i64>,
+    /// Whether a Sales Record was created from this Individual.
+    pub has_sales_record: bool,
+}
+
+/// A page of search results.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchResponse {
+    /// Individuals matching the filter in all.
+    pub total: i64,
+    /// This page, by id.
+    pub items: Vec<SearchItem>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next_after: Option<i64>,
+}
+
+const ITEM_COLUMNS: &str =
+    "i.id, i.first_name, i.last_name, i.status, i.state, i.servicing_agent_id,
+     EXISTS (SELECT 1 FROM sales_records sr WHERE sr.individual_id = i.id) AS has_sales_record";
+
+fn item_from_row(r: &sea_orm::QueryResult) -> Result<SearchItem, sea_orm::DbErr> {
+    Ok(SearchItem {
+        id: r.try_get("", "id")?,
+        first_name: r.try_get("", "first_name")?,
+        last_name: r.try_get("", "last_name")?,
+        status: r.try_get("", "status")?,
+        state: r.try_get("", "state")?,
+        servicing_agent_id: r.try_get("", "servicing_agent_id")?,
+        has_sales_record: r.try_get("", "has_sales_record")?,
+    })
+}
+
+/// Validates a filter that came with a request body.
+///
+/// # Errors
+/// A 400 naming each invalid field.
+pub fn checked(filter: SearchFilter) -> Result<SearchFilter, ApiError> {
+    filter.validate("filter").map_err(ApiError::Invalid)?;
+    Ok(filter)
+}
+
+/// Searches the caller's Individuals.
+#[utoipa::path(
+    post, path = "/v1/individuals/search", tag = "search",
+    request_body = SearchRequest,
+    responses(
+        (status = 200, description = "A page of Individuals, by id", body = SearchResponse),
+        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "No access to Individuals", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn search(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<SearchRequest>,
+) -> Result<axum::Json<SearchResponse>, ApiError> {
+    require(bulkops_shared::permissions::may_search(&caller.access))?;
+    let filter = checked(req.filter)?;
+    let limit = req.limit.unwrap_or(100);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    let mut params: Vec<Value> = vec![caller.agency_id.into()];
+    let conditions = filter.to_sql("i", &mut params);
+    let count_sql =
+        format!("SELECT count(*) AS n FROM individuals i WHERE i.agency_id = $1 AND {conditions}");
+    let total: i64 = state
+        .db
+        .query_one_raw(stmt(count_sql, params.clone()))
+        .await
+        .map_err(ApiError::db)?
+        .map(|r| r.try_get("", "n"))
+        .transpose()
+        .map_err(ApiError::db)?
+        .unwrap_or(0);
+    params.push(req.after.unwrap_or(0).into());
+    params.push((limit + 1).into());
+    let page_sql = format!(
+        "SELECT {ITEM_COLUMNS} FROM individuals i
+          WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
+          ORDER BY i.id LIMIT ${}",
+        params.len() - 1,
+        params.len()
+    );
+    let rows = state
+        .db
+        .query_all_raw(stmt(page_sql, params))
+        .await
+        .map_err(ApiError::db)?;
+    let mut items = rows
+        .iter()
+        .map(item_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::db)?;
+    let next_after = if items.len() as i64 > limit {
+        items.truncate(usize::try_from(limit).unwrap_or(0));
+        items.last().map(|i| i.id)
+    } else {
+        None
+    };
+    Ok(axum::Json(SearchResponse {
+        total,
+        items,
+        next_after,
+    }))
+}
+
+/// Exports every Individual the filter finds as CSV, streamed from one consistent snapshot.
+#[utoipa::path(
+    post, path = "/v1/individuals/search.csv", tag = "search",
+    request_body = SearchCsvRequest,
+    responses(
+        (status = 200, description = "Header row, then one row per match", content_type = "text/csv", body = String),
+        (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "No access to Individuals", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn search_csv(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<SearchCsvRequest>,
+) -> Result<Response, ApiError> {
+    require(bulkops_shared::permissions::may_search(&caller.access))?;
+    let filter = checked(req.filter)?;
+    let (tx_out, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let db = state.db.clone();
+    let agency = caller.agency_id;
+    // The stream's task ends when the client goes away (send fails) or the rows run out.
+    tokio::spawn(async move {
+        let header = csv_line(&[
+            "id",
+            "first_name",
+            "last_name",
+            "status",
+            "state",
+            "servicing_agent_id",
+            "has_sales_record",
+        ]);
+        if tx_out.send(Ok(header)).await.is_err() {
+            return;
+        }
+        let result: Result<(), sea_orm::DbErr> = async {
+            let tx = db
+                .begin_with_config(
+                    Some(IsolationLevel::RepeatableRead),
+                    Some(AccessMode::ReadOnly),
+                )
+                .await?;
+            let mut after = 0_i64;
+            loop {
+                let mut params: Vec<Value> = vec![agency.into()];
+                let conditions = filter.to_sql("i", &mut params);
+                params.push(after.into());
+                params.push(CSV_PAGE.into());
+                let sql = format!(
+                    "SELECT {ITEM_COLUMNS} FROM individuals i
+                      WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
+                      ORDER BY i.id LIMIT ${}",
+                    params.len() - 1,
+                    params.len()
+                );
+                let rows = tx.query_all_raw(stmt(sql, params)).await?;
+                let mut buf = Vec::with_capacity(rows.len() * 64);
+                for r in &rows {
+                    let item = item_from_row(r)?;
+                    after = item.id;
+                    buf.extend_from_slice(&csv_line(&[
+                        &item.id.to_string(),
+                        item.first_name.as_deref().unwrap_or(""),
+                        item.last_name.as_deref().unwrap_or(""),
+                        item.status.as_deref().unwrap_or(""),
+                        item.state.as_deref().unwrap_or(""),
+                        &item
+                            .servicing_agent_id
+                            .map(|v| v.to_string())
+                            .unwrap_or_default(),
+                        if item.has_sales_record {
+                            "true"
+                        } else {
+                            "false"
+                        },
+                    ]));
+                }
+                if !buf.is_empty() && tx_out.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+                    break;
+                }
+                if (rows.len() as i64) < CSV_PAGE {
+                    break;
+                }
+            }
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "search.csv stream failed; the response is cut short");
+            let _ = tx_out
+                .send(Err(std::io::Error::other("export failed")))
+                .await;
+        }
+    });
+    Ok(csv_response(rx, "individuals.csv"))
+}
+
+/// One CSV record (RFC 4180 quoting), newline-terminated.
+pub fn csv_line(fields: &[&str]) -> bytes::Bytes {
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    // Writing to a Vec cannot fail.
+    let _ = w.write_record(fields);
+    bytes::Bytes::from(w.into_inner().unwrap_or_default())
+}
+
+/// A streamed `text/csv` response.
+pub fn csv_response(
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+    filename: &str,
+) -> Response {
+    let stream = tokio_stream_from(rx);
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    response
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}

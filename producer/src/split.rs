@@ -1,0 +1,381 @@
+//! Splitting accepted batches into per-record messages: resumable, confirmed, streaming,
+//! metered and fair.
+//!
+//! - **Resumable.** A producer splits a batch only while it holds the batch's lease
+//!   (`split_owner`, `split_lease_until`), renewed as it goes. Progress (`split_next_seq`) is
+//!   committed after each chunk's publishes are confirmed. If the producer dies, the lease
+//!   expires and any producer (or its restart) adopts the batch and carries on from the
+//!   committed position; a chunk published but not yet recorded is published again, which
+//!   workers absorb (an item leaves `pending` once).
+//! - **Streaming.** Items are read in chunks by keyset (`seq`), so memory does not grow
+//!   with the batch; only `pending` items are published.
+//! - **Metered and fair.** At most `split.max_in_flight_per_batch` messages of one batch
+//!   wait in the work queue at once; the splitter tops batches up round-robin as their items
+//!   finish, so a huge batch cannot bury a later one. Small batches (a single conversion,
+//!   ten Individuals) travel on the interactive lane, which workers serve with capacity of
+//!   their own, and are published first in every round.
+//! - **Never stuck.** A batch whose split finished but whose items stopped moving for
+//!   `split.stall_after_secs` (a message lost to an operator's purge, say) is re-split:
+//!   its still-pending items are published again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkops_shared::amqp::{Outgoing, Publisher, headers, json_properties, reconnect_backoff};
+use bulkops_shared::batch::{BatchKind, Lane};
+use bulkops_shared::config::SplitSettings;
+use bulkops_shared::db::stmt;
+use bulkops_shared::ids::BatchId;
+use bulkops_shared::messages::{Op, WorkMessage};
+use bulkops_shared::metrics::ProducerMetrics;
+use bulkops_shared::topology::Topology;
+use lapin::types::AMQPValue;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Wakes the splitter (after a batch is accepted).
+#[derive(Clone, Default)]
+pub struct SplitHandle {
+    wake: Arc<Notify>,
+}
+
+impl SplitHandle {
+    /// Asks the splitter to look for work now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Header carrying the publish time (Unix milliseconds), for the item latency metric.
+pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
+
+/// Why a split round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SplitError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] DbErr),
+    /// The broker failed.
+    #[error(transparent)]
+    Amqp(#[from] bulkops_shared::amqp::AmqpError),
+}
+
+#[derive(Debug, Clone)]
+struct OwnedBatch {
+    id: BatchId,
+    kind: BatchKind,
+    lane: Lane,
+    next_seq: i64,
+    published: i64,
+    presettled: i64,
+    done: i64,
+}
+
+/// The splitter of one producer.
+pub struct Splitter {
+    db: DatabaseConnection,
+    publisher: Publisher,
+    topology: Topology,
+    cfg: SplitSettings,
+    owner: uuid::Uuid,
+    metrics: ProducerMetrics,
+    handle: SplitHandle,
+}
+
+impl Splitter {
+    /// A splitter identified by `owner` (unique per producer process).
+    pub fn new(
+        db: DatabaseConnection,
+        publisher: Publisher,
+        topology: Topology,
+        cfg: SplitSettings,
+        owner: uuid::Uuid,
+        metrics: ProducerMetrics,
+        handle: SplitHandle,
+    ) -> Self {
+        Self {
+            db,
+            publisher,
+            topology,
+            cfg,
+            owner,
+            metrics,
+            handle,
+        }
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.cfg.lease_secs as f64
+    }
+
+    /// Splits until `shutdown`, then hands its batches back so another producer resumes
+    /// them at once.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let poll = Duration::from_millis(self.cfg.poll_interval_ms);
+        let mut last_scan = Instant::now()
+            .checked_sub(poll)
+            .unwrap_or_else(Instant::now);
+        let mut last_renew = Instant::now();
+        let mut backoff = reconnect_backoff();
+        while !shutdown.is_cancelled() {
+            let round = async {
+                if last_scan.elapsed() >= poll {
+                    self.sweep_stalled().await?;
+                    self.claim_orphans().await?;
+                    last_scan = Instant::now();
+                }
+                if last_renew.elapsed() >= Duration::from_secs(self.cfg.lease_secs.div_ceil(3)) {
+                    self.renew_leases().await?;
+                    last_renew = Instant::now();
+                }
+                self.round().await
+            };
+            let pause = match round.await {
+                Ok((published, owned)) => {
+                    backoff = reconnect_backoff();
+                    if published > 0 {
+                        continue;
+                    }
+                    if owned > 0 {
+                        // Metered: items are finishing; top up soon.
+                        Duration::from_millis(50).min(poll)
+                    } else {
+                        poll
+                    }
+                }
+                Err(e) => {
+                    self.metrics.split_errors.inc();
+                    tracing::warn!(error = %e, "split round failed; retrying");
+                    backoff.next().unwrap_or(Duration::from_secs(5))
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.handle.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        if let Err(e) = self.release_leases().await {
+            tracing::warn!(error = %e, "could not hand back split leases; they expire by themselves");
+        }
+    }
+
+    /// One round over the batches this producer owns. Returns messages published and
+    /// batches still owned.
+    async fn round(&self) -> Result<(usize, usize), SplitError> {
+        let mut owned = self.owned().await?;
+        // Interactive batches first, then oldest first.
+        owned.sort_by_key(|b| (b.lane != Lane::Interactive, b.id));
+        self.metrics.split_owned.set(owned.len() as i64);
+        let mut published = 0;
+        let mut still_owned = 0;
+        for batch in owned {
+            let room = self.room(&batch);
+            still_owned += 1;
+            if room == 0 {
+                continue;
+            }
+            published += self.publish_chunk(&batch, room).await?;
+        }
+        Ok((published, still_owned))
+    }
+
+    /// How many messages of `batch` may be published now.
+    fn room(&self, batch: &OwnedBatch) -> i64 {
+        let chunk = i64::try_from(self.cfg.chunk_size).unwrap_or(i64::MAX);
+        if self.cfg.max_in_flight_per_batch == 0 {
+            return chunk;
+        }
+        let window = i64::try_from(self.cfg.max_in_flight_per_batch).unwrap_or(i64::MAX);
+        let in_flight = (batch.published - (batch.done - batch.presettled)).max(0);
+        (window - in_flight).clamp(0, chunk)
+    }
+
+    async fn owned(&self) -> Result<Vec<OwnedBatch>, DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT id, kind, lane, split_next_seq, split_published, n_presettled,
+                        n_created + n_converted + n_skipped + n_failed AS n_done, total
+                   FROM bulk_batches
+                  WHERE split_done_at IS NULL AND split_owner = $1
+                  ORDER BY id",
+                [self.owner.into()],
+            ))
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut backlog = 0;
+        for r in rows {
+            let kind: String = r.try_get("", "kind")?;
+            let lane: String = r.try_get("", "lane")?;
+            let next_seq: i64 = r.try_get("", "split_next_seq")?;
+            let total: i64 = r.try_get("", "total")?;
+            backlog += (total - next_seq + 1).max(0);
+            out.push(OwnedBatch {
+                id: BatchId(r.try_get("", "id")?),
+                kind: BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
+                lane: Lane::parse(&lane).unwrap_or(Lane::Bulk),
+                next_seq,
+                published: r.try_get("", "split_published")?,
+                presettled: r.try_get("", "n_presettled")?,
+                done: r.try_get("", "n_done")?,
+            });
+        }
+        self.metrics.split_backlog.set(backlog);
+        Ok(out)
+    }
+
+    /// Publishes up to `limit` pending items of `batch` from its split position and records
+    /// the new position. Returns how many were published.
+    async fn publish_chunk(&self, batch: &OwnedBatch, limit: i64) -> Result<usize, SplitError> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT seq, target_id FROM bulk_items
+                  WHERE batch_id = $1 AND seq >= $2 AND status = 'pending'
+                  ORDER BY seq LIMIT $3",
+                [batch.id.into(), batch.next_seq.into(), limit.into()],
+            ))
+            .await?;
+        let op = match batch.kind {
+            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
+            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
+        };
+        let mut bodies = Vec::with_capacity(rows.len());
+        let mut last_seq = batch.next_seq - 1;
+        for r in &rows {
+            let seq: i64 = r.try_get("", "seq")?;
+            let target: i64 = r.try_get("", "target_id")?;
+            last_seq = seq;
+            bodies.push(WorkMessage::new(op, batch.id, seq, target).encode());
+        }
+        let exhausted = (rows.len() as i64) < limit;
+        if !bodies.is_empty() {
+            let queue = self.topology.work_queue(batch.lane);
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let props = json_properties().with_headers(headers(&[(
+                PUBLISHED_AT_HEADER,
+                AMQPValue::LongLongInt(now_ms),
+            )]));
+            let outgoing: Vec<Outgoing<'_>> = bodies
+                .iter()
+                .map(|body| Outgoing {
+                    exchange: "",
+                    routing_key: &queue,
+                    body,
+                    properties: props.clone(),
+                    mandatory: true,
+                })
+                .collect();
+            self.publisher.publish_all(outgoing).await?;
+        }
+        let updated = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE bulk_batches
+                    SET split_next_seq = $3, split_published = split_published + $4,
+                        state = CASE WHEN state = 'accepted' THEN 'running' ELSE state END,
+                        started_at = COALESCE(started_at, clock_timestamp()),
+                        progress_at = clock_timestamp(),
+                        split_lease_until = CASE WHEN $5 THEN NULL ELSE clock_timestamp() + make_interval(secs => $6) END,
+                        split_owner = CASE WHEN $5 THEN NULL ELSE split_owner END,
+                        split_done_at = CASE WHEN $5 THEN clock_timestamp() END
+                  WHERE id = $1 AND split_owner = $2",
+                [
+                    batch.id.into(),
+                    self.owner.into(),
+                    (last_seq + 1).into(),
+                    (bodies.len() as i64).into(),
+                    exhausted.into(),
+                    self.lease_secs().into(),
+                ],
+            ))
+            .await?;
+        if updated.rows_affected() == 0 {
+            tracing::warn!(batch_id = %batch.id, "split lease lost to another producer; it carries on");
+        } else if exhausted {
+            tracing::info!(batch_id = %batch.id, "split finished");
+        }
+        self.metrics
+            .split_published
+            .with_label_values(&[batch.kind.label(), batch.lane.as_str()])
+            .inc_by(bodies.len() as u64);
+        Ok(bodies.len())
+    }
+
+    /// Takes over batches whose split lease expired (their producer died) or was handed back.
+    async fn claim_orphans(&self) -> Result<(), DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "UPDATE bulk_batches
+                    SET split_owner = $1, split_lease_until = clock_timestamp() + make_interval(secs => $2)
+                  WHERE id IN (SELECT id FROM bulk_batches
+                                WHERE split_done_at IS NULL
+                                  AND (split_lease_until IS NULL OR split_lease_until < clock_timestamp())
+                                ORDER BY id LIMIT 50
+                                FOR UPDATE SKIP LOCKED)
+                RETURNING id",
+                [self.owner.into(), self.lease_secs().into()],
+            ))
+            .await?;
+        for r in rows {
+            let id: i64 = r.try_get("", "id")?;
+            tracing::info!(
+                batch_id = id,
+                "resuming the split of a batch whose producer stopped"
+            );
+        }
+        Ok(())
+    }
+
+    async fn renew_leases(&self) -> Result<(), DbErr> {
+        self.db
+            .execute_raw(stmt(
+                "UPDATE bulk_batches SET split_lease_until = clock_timestamp() + make_interval(secs => $2)
+                  WHERE split_done_at IS NULL AND split_owner = $1",
+                [self.owner.into(), self.lease_secs().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    async fn release_leases(&self) -> Result<(), DbErr> {
+        self.db
+            .execute_raw(stmt(
+                "UPDATE bulk_batches SET split_owner = NULL, split_lease_until = NULL
+                  WHERE split_done_at IS NULL AND split_owner = $1",
+                [self.owner.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Re-splits batches whose items stopped moving after their split finished.
+    async fn sweep_stalled(&self) -> Result<(), DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "UPDATE bulk_batches
+                    SET split_done_at = NULL, split_next_seq = 1, split_owner = NULL,
+                        split_lease_until = NULL, progress_at = clock_timestamp(),
+                        split_published = n_created + n_converted + n_skipped + n_failed - n_presettled
+                  WHERE id IN (SELECT id FROM bulk_batches
+                                WHERE completed_at IS NULL AND split_done_at IS NOT NULL
+                                  AND progress_at < clock_timestamp() - make_interval(secs => $1)
+                                FOR UPDATE SKIP LOCKED)
+                RETURNING id",
+                [(self.cfg.stall_after_secs as f64).into()],
+            ))
+            .await?;
+        for r in rows {
+            let id: i64 = r.try_get("", "id")?;
+            tracing::warn!(
+                batch_id = id,
+                "batch stopped moving; re-publishing its pending items"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,504 @@
+//! The chunk pipeline: from a handful of deliveries to committed outcomes and acks.
+//!
+//! For each batch in a chunk: take the Redis locks of every target in one round trip;
+//! run the batch's rules over the locked items in one transaction (retrying transient
+//! database failures in process), commit together with the batch counters, and only then
+//! acknowledge. Items whose lock another worker holds are retried in process after a short
+//! jittered pause, then through the delayed retry queues. Failures that outlast the retries,
+//! and permanent ones, are dead-lettered with their history; the dead-letter watcher then
+//! records the item as `failed`. Nothing is acknowledged that did not commit or move on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulkops_shared::amqp::{Outgoing, Publisher};
+use bulkops_shared::batch::{BatchKind, Lane, reason};
+use bulkops_shared::config::WorkerSettings;
+use bulkops_shared::ids::BatchId;
+use bulkops_shared::lock::{LockTarget, Locks};
+use bulkops_shared::messages::{Op, WorkMessage};
+use bulkops_shared::metrics::WorkerMetrics;
+use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::topology::Topology;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, ShortString};
+use sea_orm::{DatabaseConnection, TransactionTrait};
+
+use crate::meta::{BatchMeta, MetaCache};
+use crate::retry::{self, Failure, Next};
+
+/// Header the splitter stamps with the publish time (Unix ms).
+const PUBLISHED_AT: &str = "x-published-at-ms";
+
+/// One decoded delivery.
+pub struct Work {
+    /// The delivery (for acking and re-publishing).
+    pub delivery: Delivery,
+    /// What it asks for.
+    pub msg: WorkMessage,
+    /// Which delivery attempt this is (1-based).
+    pub attempt: u32,
+}
+
+/// Everything a chunk needs.
+pub struct Processor {
+    /// The CRM database.
+    pub db: DatabaseConnection,
+    /// Record locks.
+    pub locks: Locks,
+    /// Batch facts.
+    pub meta: MetaCache,
+    /// Publishes retries and dead letters (confirmed).
+    pub publisher: Publisher,
+    /// Queue names.
+    pub topology: Topology,
+    /// Tuning.
+    pub settings: WorkerSettings,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+}
+
+impl Processor {
+    /// Processes one chunk of deliveries from `lane`. Every delivery is acked, re-routed or
+    /// (when even that fails) returned to the queue before this returns.
+    pub async fn process(self: &Arc<Self>, lane: Lane, deliveries: Vec<Delivery>) {
+        self.metrics.chunk_items.observe(deliveries.len() as f64);
+        let mut by_batch: BTreeMap<BatchId, Vec<Work>> = BTreeMap::new();
+        for delivery in deliveries {
+            match WorkMessage::decode(&delivery.data) {
+                Ok(msg) => {
+                    let attempt = retry::attempts_of(delivery.properties.headers().as_ref());
+                    by_batch.entry(msg.batch_id).or_default().push(Work {
+                        delivery,
+                        msg,
+                        attempt,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, lane = lane.as_str(), "malformed message; dead-lettering it");
+                    self.metrics
+                        .dead_lettered
+                        .with_label_values(&["malformed"])
+                        .inc();
+                    // The work queue's dead-letter exchange takes it to the dead-letter queue.
+                    self.settle(&delivery, Settle::Reject).await;
+                }
+            }
+        }
+        for (batch_id, works) in by_batch {
+            self.process_batch(lane, batch_id, works).await;
+        }
+    }
+
+    async fn process_batch(self: &Arc<Self>, lane: Lane, batch_id: BatchId, works: Vec<Work>) {
+        let meta = match self.meta.get(batch_id).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                tracing::warn!(batch_id = %batch_id, "message for a batch that does not exist");
+                self.dead_letter(lane, works, "unknown_batch", "unknown_batch")
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let failure = Failure::from_db(&e);
+                tracing::warn!(batch_id = %batch_id, error = %e, "cannot read the batch");
+                self.fail(lane, works, failure).await;
+                return;
+            }
+        };
+        let expected_op = match meta.kind {
+            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
+            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
+        };
+        let (works, wrong): (Vec<Work>, Vec<Work>) =
+            works.into_iter().partition(|w| w.msg.op == expected_op);
+        if !wrong.is_empty() {
+            tracing::warn!(batch_id = %batch_id, n = wrong.len(), "messages whose operation does not match their batch");
+            self.dead_letter(lane, wrong, reason::ERROR, "wrong_operation")
+                .await;
+        }
+        // A duplicate delivery in the same chunk is settled with its twin.
+        let mut seen = HashSet::new();
+        let (mut todo, dups): (Vec<Work>, Vec<Work>) =
+            works.into_iter().partition(|w| seen.insert(w.msg.seq));
+        let token = Locks::new_token();
+        let mut backoff = retry::in_process_backoff(self.settings.in_process_retries);
+        while !todo.is_empty() {
+            let merge = if meta.kind == BatchKind::ConvertSalesRecords {
+                let ids: Vec<i64> = todo.iter().map(|w| w.msg.target_id).collect();
+                match crate::convert::merge_targets(&self.db, &meta, &ids).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.fail(lane, std::mem::take(&mut todo), Failure::from_db(&e))
+                            .await;
+                        break;
+                    }
+                }
+            } else {
+                HashMap::new()
+            };
+            let keys_of = |w: &Work| -> Vec<LockTarget> {
+                match meta.kind {
+                    BatchKind::CreateSalesRecords => vec![LockTarget::Individual(w.msg.target_id)],
+                    BatchKind::ConvertSalesRecords => {
+                        let mut k = vec![LockTarget::SalesRecord(w.msg.target_id)];
+                        if let Some(ind) = merge.get(&w.msg.target_id) {
+                            k.push(LockTarget::Individual(*ind));
+                        }
+                        k
+                    }
+                }
+            };
+            let mut keys: Vec<LockTarget> = todo.iter().flat_map(keys_of).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let held = match self
+                .locks
+                .acquire(&token, &keys, self.settings.lock_ttl())
+                .await
+            {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(batch_id = %batch_id, error = %e, "redis unavailable");
+                    self.fail(
+                        lane,
+                        std::mem::take(&mut todo),
+                        Failure::Transient("redis".into()),
+                    )
+                    .await;
+                    break;
+                }
+            };
+            let held_keys: HashSet<LockTarget> = keys
+                .iter()
+                .zip(&held)
+                .filter(|(_, h)| **h)
+                .map(|(k, _)| *k)
+                .collect();
+            let (ready, contended): (Vec<Work>, Vec<Work>) = std::mem::take(&mut todo)
+                .into_iter()
+                .partition(|w| keys_of(w).iter().all(|k| held_keys.contains(k)));
+            if !ready.is_empty() {
+                self.commit_and_ack(lane, &meta, ready).await;
+            }
+            let mine: Vec<LockTarget> = held_keys.into_iter().collect();
+            if let Err(e) = self.locks.release(&token, &mine).await {
+                tracing::debug!(error = %e, "lock release failed; the locks expire by themselves");
+            }
+            if contended.is_empty() {
+                break;
+            }
+            self.metrics
+                .lock_contention
+                .with_label_values(&[meta.kind.label()])
+                .inc_by(contended.len() as u64);
+            match backoff.next() {
+                Some(pause) => {
+                    self.metrics
+                        .retries
+                        .with_label_values(&[meta.kind.label(), "in_process"])
+                        .inc_by(contended.len() as u64);
+                    tokio::time::sleep(pause).await;
+                    todo = contended;
+                }
+                None => {
+                    self.fail(
+                        lane,
+                        contended,
+                        Failure::Transient("lock_contention".into()),
+                    )
+                    .await;
+                }
+            }
+        }
+        for dup in dups {
+            self.settle(&dup.delivery, Settle::Ack).await;
+        }
+    }
+
+    /// Runs the batch's rules over `works` in one transaction (retrying transient failures
+    /// in process) and acknowledges them after the commit.
+    async fn commit_and_ack(self: &Arc<Self>, lane: Lane, meta: &Arc<BatchMeta>, works: Vec<Work>) {
+        let started = Instant::now();
+        let seqs: Vec<i64> = works.iter().map(|w| w.msg.seq).collect();
+        match self.commit_with_retries(meta, &seqs).await {
+            Ok(delta) => {
+                self.record_success(lane, meta, &works, delta, started);
+                for w in &works {
+                    self.settle(&w.delivery, Settle::Ack).await;
+                }
+            }
+            Err(Failure::Permanent(class)) if works.len() > 1 => {
+                // One bad record must not fail its neighbours: isolate it.
+                tracing::warn!(batch_id = %meta.id, class, n = works.len(), "chunk failed; retrying its items one by one");
+                for w in works {
+                    let started = Instant::now();
+                    match self.commit_with_retries(meta, &[w.msg.seq]).await {
+                        Ok(delta) => {
+                            self.record_success(
+                                lane,
+                                meta,
+                                std::slice::from_ref(&w),
+                                delta,
+                                started,
+                            );
+                            self.settle(&w.delivery, Settle::Ack).await;
+                        }
+                        Err(f) => self.fail(lane, vec![w], f).await,
+                    }
+                }
+            }
+            Err(f) => self.fail(lane, works, f).await,
+        }
+    }
+
+    fn record_success(
+        &self,
+        lane: Lane,
+        meta: &BatchMeta,
+        works: &[Work],
+        delta: OutcomeDelta,
+        started: Instant,
+    ) {
+        let kind = meta.kind.label();
+        self.metrics
+            .chunk_duration
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+        for (outcome, n) in [
+            ("created", delta.created),
+            ("converted", delta.converted),
+            ("skipped", delta.skipped),
+            ("failed", delta.failed),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .items_processed
+                    .with_label_values(&[kind, outcome])
+                    .inc_by(n as u64);
+            }
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let latency = self
+            .metrics
+            .item_latency
+            .with_label_values(&[kind, lane.as_str()]);
+        for w in works {
+            if let Some(at) = published_at(&w.delivery) {
+                latency.observe((now_ms - at).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+
+    async fn commit_with_retries(
+        &self,
+        meta: &BatchMeta,
+        seqs: &[i64],
+    ) -> Result<OutcomeDelta, Failure> {
+        let mut backoff = retry::in_process_backoff(self.settings.in_process_retries);
+        loop {
+            match self.commit(meta, seqs).await {
+                Ok(delta) => return Ok(delta),
+                Err(e) => {
+                    let failure = Failure::from_db(&e);
+                    if let Failure::Transient(class) = &failure
+                        && let Some(pause) = backoff.next()
+                    {
+                        tracing::debug!(batch_id = %meta.id, class, "transient database failure; retrying");
+                        self.metrics
+                            .retries
+                            .with_label_values(&[meta.kind.label(), "in_process"])
+                            .inc();
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                    tracing::warn!(batch_id = %meta.id, error = %e, "chunk transaction failed");
+                    return Err(failure);
+                }
+            }
+        }
+    }
+
+    async fn commit(&self, meta: &BatchMeta, seqs: &[i64]) -> Result<OutcomeDelta, sea_orm::DbErr> {
+        let tx = self.db.begin().await?;
+        let delta = match meta.kind {
+            BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, seqs).await?,
+            BatchKind::ConvertSalesRecords => crate::convert::apply(&tx, meta, seqs).await?,
+        };
+        let completed = record_outcomes(&tx, meta.id, delta).await?;
+        tx.commit().await?;
+        if completed {
+            tracing::info!(batch_id = %meta.id, kind = meta.kind.as_str(), "batch completed");
+        }
+        Ok(delta)
+    }
+
+    /// Hands failed deliveries on: transient ones to a delayed retry queue (or, with their
+    /// attempts spent, to the dead-letter queue); permanent ones to the dead-letter queue.
+    async fn fail(&self, lane: Lane, works: Vec<Work>, failure: Failure) {
+        match failure {
+            Failure::Permanent(class) => self.dead_letter(lane, works, reason::ERROR, &class).await,
+            Failure::Transient(class) => {
+                let mut delayed: Vec<(Work, usize)> = Vec::new();
+                let mut exhausted = Vec::new();
+                for w in works {
+                    match retry::next_step(
+                        w.attempt,
+                        self.settings.max_attempts,
+                        self.topology.retry_tiers(),
+                    ) {
+                        Next::Delay(tier) => delayed.push((w, tier)),
+                        Next::GiveUp => exhausted.push(w),
+                    }
+                }
+                if !exhausted.is_empty() {
+                    self.dead_letter(lane, exhausted, reason::RETRIES_EXHAUSTED, &class)
+                        .await;
+                }
+                if delayed.is_empty() {
+                    return;
+                }
+                let queues: Vec<String> = delayed
+                    .iter()
+                    .map(|(_, tier)| self.topology.retry_queue(lane, *tier))
+                    .collect();
+                let outgoing: Vec<Outgoing<'_>> = delayed
+                    .iter()
+                    .zip(&queues)
+                    .map(|((w, _), queue)| Outgoing {
+                        exchange: "",
+                        routing_key: queue,
+                        body: &w.delivery.data,
+                        properties: w.delivery.properties.clone().with_headers(
+                            retry::next_headers(
+                                w.delivery.properties.headers().as_ref(),
+                                w.attempt,
+                                &class,
+                                None,
+                            ),
+                        ),
+                        mandatory: true,
+                    })
+                    .collect();
+                let n = outgoing.len();
+                let settle = match self.publisher.publish_all(outgoing).await {
+                    Ok(_) => {
+                        self.metrics
+                            .retries
+                            .with_label_values(&["any", "delayed"])
+                            .inc_by(n as u64);
+                        Settle::Ack
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not publish retries; returning the messages to the queue");
+                        Settle::Requeue
+                    }
+                };
+                for (w, _) in &delayed {
+                    self.settle(&w.delivery, settle).await;
+                }
+            }
+        }
+    }
+
+    /// Sends copies of `works` to the dead-letter exchange with their history and `reason`,
+    /// then acknowledges them. The dead-letter watcher records the items' failure.
+    async fn dead_letter(&self, lane: Lane, works: Vec<Work>, reason: &str, class: &str) {
+        let dlx = self.topology.dead_letter_exchange();
+        let queue = self.topology.work_queue(lane);
+        let outgoing: Vec<Outgoing<'_>> = works
+            .iter()
+            .map(|w| Outgoing {
+                exchange: &dlx,
+                routing_key: &queue,
+                body: &w.delivery.data,
+                properties: w
+                    .delivery
+                    .properties
+                    .clone()
+                    .with_headers(retry::next_headers(
+                        w.delivery.properties.headers().as_ref(),
+                        w.attempt,
+                        class,
+                        Some(reason),
+                    )),
+                mandatory: true,
+            })
+            .collect();
+        let settle = match self.publisher.publish_all(outgoing).await {
+            Ok(n) => {
+                self.metrics
+                    .dead_lettered
+                    .with_label_values(&[reason])
+                    .inc_by(n as u64);
+                for w in &works {
+                    tracing::warn!(batch_id = %w.msg.batch_id, seq = w.msg.seq, reason, class, "item dead-lettered");
+                }
+                Settle::Ack
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not dead-letter; returning the messages to the queue");
+                Settle::Requeue
+            }
+        };
+        for w in &works {
+            self.settle(&w.delivery, settle).await;
+        }
+    }
+
+    async fn settle(&self, delivery: &Delivery, how: Settle) {
+        let result = match how {
+            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+            Settle::Requeue => {
+                // Give the failing dependency a moment before the message comes round again.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+            Settle::Reject => {
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+            }
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                // The channel is gone: the broker redelivers the message, and processing it
+                // again changes nothing.
+                self.metrics.ack_failures.inc();
+            }
+        }
+    }
+}
+
+/// How a delivery is settled with the broker.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// Done (committed, or handed on to a retry or dead-letter queue).
+    Ack,
+    /// Back to the queue (nothing could be done now).
+    Requeue,
+    /// Rejected without requeue: the queue dead-letters it.
+    Reject,
+}
+
+fn published_at(delivery: &Delivery) -> Option<i64> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&ShortString::from(PUBLISHED_AT)))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => Some(*n),
+            _ => None,
+        })
+}
