@@ -231,7 +231,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("metrics.bind", "127.0.0.1:9090"),
     ("worker.concurrency", "2"),
     ("worker.chunk_size", "250"),
-    ("worker.lock_ttl_ms", "30000"),
+    ("worker.lock_ttl_ms", "15000"),
     ("worker.max_attempts", "5"),
     ("worker.in_process_retries", "3"),
     ("worker.drain_timeout_secs", "25"),
@@ -352,6 +352,18 @@ impl Settings {
             return Err(ConfigError::new(
                 "worker.retry_delays_ms must list at least one positive delay",
             ));
+        }
+        // A worker that dies holding locks leaves them until they expire; the retries of
+        // the items it held must outlast that, or they would fail for nothing.
+        let tiers = &self.worker.retry_delays_ms;
+        let waited: u64 = (1..self.worker.max_attempts)
+            .map(|attempt| tiers[(attempt as usize).min(tiers.len()) - 1])
+            .sum();
+        if waited <= self.worker.lock_ttl_ms {
+            return Err(ConfigError::new(format!(
+                "worker.retry_delays_ms over worker.max_attempts wait {waited} ms in all, which must exceed worker.lock_ttl_ms ({} ms)",
+                self.worker.lock_ttl_ms
+            )));
         }
         if self.worker.drain_timeout_secs == 0 || self.worker.drain_timeout_secs > 29 {
             return Err(ConfigError::new(
@@ -498,6 +510,7 @@ mod tests {
             ("BULKOPS__AUTH__JWT_SECRET", "s3cret"),
             ("BULKOPS__WORKER__CHUNK_SIZE", "17"),
             ("BULKOPS__WORKER__RETRY_DELAYS_MS", "10,20"),
+            ("BULKOPS__WORKER__LOCK_TTL_MS", "50"),
             ("OTHER__AMQP__PREFIX", "ignored"),
         ]))
         .unwrap();
@@ -527,6 +540,7 @@ mod tests {
             ("BULKOPS__WORKER__CHUNK_SIZE", "0", "worker.chunk_size"),
             ("BULKOPS__WORKER__CHUNK_SIZE", "many", "chunk_size"),
             ("BULKOPS__LOG__FORMAT", "xml", "log.format"),
+            ("BULKOPS__WORKER__MAX_ATTEMPTS", "2", "worker.lock_ttl_ms"),
         ] {
             let err = Settings::load_from(&env(&[(key, value)]))
                 .unwrap_err()

@@ -1,1 +1,24 @@
-//! placeholder
+//! The end-to-end test harness.
+//!
+//! Each test gets its own [`env::TestEnv`]: a fresh database (migrated), an AMQP prefix, an
+//! events exchange and a Redis prefix of its own, so tests run in parallel and never see
+//! each other's data. It starts the real `bulkops-producer` and `bulkops-worker` binaries
+//! (built by `make test` before the tests run) as child processes, captures their logs to
+//! `target/e2e-logs/<test>/`, and captures every event published to its events exchange.
+//!
+//! # Layout
+//! - [`env`]: the per-test environment and its clean-up.
+//! - [`process`]: spawned programs (start, signal, logs).
+//! - [`api`]: an HTTP client for the producer's API.
+//! - [`events`]: captured workflow events.
+//! - [`fixture`]: CRM data builders.
+//! - [`check`]: history checks every scenario ends with.
+
+pub mod api;
+pub mod check;
+pub mod env;
+pub mod events;
+pub mod fixture;
+pub mod process;
+
+pub use env::TestEnv;

@@ -1,0 +1,42 @@
+# bulkops — the front door. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+# End-to-end tests each run a producer and workers; a few at a time suit a 2-core machine.
+E2E_THREADS ?= 3
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## Build every program (debug)
+	$(CARGO) build --workspace --locked
+
+.PHONY: release
+release: ## Build every program (release)
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: test-unit
+test-unit: ## Unit tests (pure domain rules; no services)
+	$(CARGO) test --workspace --locked --lib --bins
+
+.PHONY: test-e2e
+test-e2e: build ## End-to-end tests against real PostgreSQL, RabbitMQ and Redis
+	$(CARGO) test -p bulkops-tests --locked --test e2e -- --test-threads=$(E2E_THREADS)
+
+.PHONY: test
+test: lint test-unit test-e2e ## The whole suite (what CI runs)
+
+.PHONY: clean
+clean: ## Remove build output
+	$(CARGO) clean

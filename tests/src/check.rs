@@ -1,0 +1,344 @@
+//! The history check every scenario ends with: exactly one outcome per item, counts that
+//! add up, no Individual with two Sales Records, no partial conversion, and an event for
+//! every committed change and none without one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+
+use crate::env::TestEnv;
+
+/// What a batch ended with.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Items in the batch.
+    pub total: i64,
+    /// Items per status.
+    pub by_status: HashMap<String, i64>,
+}
+
+async fn summary(env: &TestEnv, batch_id: i64) -> anyhow::Result<Summary> {
+    let total = env
+        .count(&format!(
+            "SELECT total FROM bulk_batches WHERE id = {batch_id}"
+        ))
+        .await;
+    let mut by_status = HashMap::new();
+    for st in ["pending", "created", "converted", "skipped", "failed"] {
+        let n = env
+            .count(&format!(
+                "SELECT count(*) FROM bulk_items WHERE batch_id = {batch_id} AND status = '{st}'"
+            ))
+            .await;
+        by_status.insert(st.to_owned(), n);
+    }
+    Ok(Summary { total, by_status })
+}
+
+/// Checks the batch is complete and consistent: no pending item, item count = total,
+/// counters = item outcomes, state completed, one `bulk_batch.completed` event.
+pub async fn batch_consistent(env: &TestEnv, batch_id: i64) -> anyhow::Result<Summary> {
+    let s = summary(env, batch_id).await?;
+    ensure!(
+        s.by_status["pending"] == 0,
+        "batch {batch_id} has pending items: {s:?}"
+    );
+    let items = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items WHERE batch_id = {batch_id}"
+        ))
+        .await;
+    ensure!(
+        items == s.total,
+        "batch {batch_id}: {items} items, total {}",
+        s.total
+    );
+    for (col, st) in [
+        ("n_created", "created"),
+        ("n_converted", "converted"),
+        ("n_skipped", "skipped"),
+        ("n_failed", "failed"),
+    ] {
+        let n = env
+            .count(&format!(
+                "SELECT {col} FROM bulk_batches WHERE id = {batch_id}"
+            ))
+            .await;
+        ensure!(
+            n == s.by_status[st],
+            "batch {batch_id}: counter {col} = {n}, items {st} = {}",
+            s.by_status[st]
+        );
+    }
+    let completed = env
+        .count(&format!("SELECT count(*) FROM bulk_batches WHERE id = {batch_id} AND state = 'completed' AND completed_at IS NOT NULL"))
+        .await;
+    ensure!(completed == 1, "batch {batch_id} is not completed");
+    let ok = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
+        })
+        .await;
+    ensure!(ok, "no bulk_batch.completed event for batch {batch_id}");
+    let completions: HashSet<String> = env
+        .events
+        .of("bulk_batch.completed")
+        .await
+        .iter()
+        .filter(|e| e.body["batch_id"] == batch_id)
+        .map(|e| e.body["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ensure!(
+        completions.len() == 1,
+        "batch {batch_id} completed {} times",
+        completions.len()
+    );
+    Ok(s)
+}
+
+/// No Individual has two Sales Records (the unique index says so; this says it held).
+pub async fn no_duplicate_sales_records(env: &TestEnv) -> anyhow::Result<()> {
+    let dups = env
+        .count(
+            "SELECT count(*) FROM (SELECT individual_id FROM sales_records WHERE individual_id IS NOT NULL
+                GROUP BY individual_id HAVING count(*) > 1) d",
+        )
+        .await;
+    ensure!(
+        dups == 0,
+        "{dups} Individuals have more than one Sales Record"
+    );
+    Ok(())
+}
+
+/// A bulk create batch: consistent; every `created` item names a Sales Record of its
+/// Individual; exactly one `sales_record.created` event (by event_id) per created record
+/// and no event for a record that was not created.
+pub async fn create_batch(env: &TestEnv, batch_id: i64) -> anyhow::Result<Summary> {
+    let s = batch_consistent(env, batch_id).await?;
+    no_duplicate_sales_records(env).await?;
+    let bad = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items it LEFT JOIN sales_records sr ON sr.id = it.result_id
+              WHERE it.batch_id = {batch_id} AND it.status = 'created'
+                AND (sr.id IS NULL OR sr.individual_id <> it.target_id)"
+        ))
+        .await;
+    ensure!(
+        bad == 0,
+        "{bad} created items do not name their Individual's Sales Record"
+    );
+    let created: HashSet<i64> = crate::fixture::rows(
+        &env.db,
+        "SELECT to_jsonb(result_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'created'",
+        vec![batch_id.into()],
+    )
+    .await
+    .iter()
+    .filter_map(serde_json::Value::as_i64)
+    .collect();
+    let want = created.len();
+    let ok = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .filter(|e| {
+                    e.routing_key == "sales_record.created" && e.body["batch_id"] == batch_id
+                })
+                .map(|e| e.body["event_id"].as_str().unwrap_or_default().to_owned())
+                .collect::<HashSet<_>>()
+                .len()
+                >= want
+        })
+        .await;
+    ensure!(
+        ok,
+        "missing sales_record.created events for batch {batch_id}"
+    );
+    let mut per_record: HashMap<i64, HashSet<String>> = HashMap::new();
+    for e in env.events.of("sales_record.created").await {
+        if e.body["batch_id"] != batch_id {
+            continue;
+        }
+        let id = e.body["sales_record_id"].as_i64().unwrap_or_default();
+        per_record
+            .entry(id)
+            .or_default()
+            .insert(e.body["event_id"].as_str().unwrap_or_default().to_owned());
+    }
+    for (id, ids) in &per_record {
+        if !created.contains(id) {
+            bail!("event for Sales Record {id}, which batch {batch_id} did not create");
+        }
+        ensure!(
+            ids.len() == 1,
+            "Sales Record {id} has {} distinct created events",
+            ids.len()
+        );
+    }
+    ensure!(
+        per_record.len() == want,
+        "{} created records, {} with events",
+        want,
+        per_record.len()
+    );
+    Ok(s)
+}
+
+/// Child tables owned by a record.
+pub const CHILD_TABLES: [&str; 10] = [
+    "notes",
+    "activities",
+    "attachments",
+    "call_recordings",
+    "sms_messages",
+    "prescriptions",
+    "providers",
+    "change_history",
+    "aca_consents",
+    "scope_of_appointments",
+];
+
+/// A conversion batch: consistent; every converted Sales Record is gone with everything it
+/// owned, logged, its Individual exists, and it has exactly one event; every record not
+/// converted is untouched (still there, still owning its children and sales policies).
+pub async fn convert_batch(
+    env: &TestEnv,
+    batch_id: i64,
+    children_before: &HashMap<i64, i64>,
+) -> anyhow::Result<Summary> {
+    let s = batch_consistent(env, batch_id).await?;
+    let items = crate::fixture::rows(
+        &env.db,
+        "SELECT to_jsonb(it) AS j FROM bulk_items it WHERE batch_id = $1",
+        vec![batch_id.into()],
+    )
+    .await;
+    let converted: HashSet<i64> = items
+        .iter()
+        .filter(|i| i["status"] == "converted")
+        .filter_map(|i| i["target_id"].as_i64())
+        .collect();
+    for item in &items {
+        let sr = item["target_id"].as_i64().unwrap_or_default();
+        let owned: i64 = {
+            let mut n = 0;
+            for t in CHILD_TABLES {
+                n += env
+                    .count(&format!("SELECT count(*) FROM {t} WHERE owner_type = 'sales_record' AND owner_id = {sr}"))
+                    .await;
+            }
+            n + env
+                .count(&format!(
+                    "SELECT count(*) FROM sales_policies WHERE sales_record_id = {sr}"
+                ))
+                .await
+        };
+        let exists = env
+            .count(&format!(
+                "SELECT count(*) FROM sales_records WHERE id = {sr}"
+            ))
+            .await;
+        if item["status"] == "converted" {
+            let ind = item["result_id"].as_i64().unwrap_or_default();
+            ensure!(exists == 0, "converted Sales Record {sr} still exists");
+            ensure!(
+                owned == 0,
+                "converted Sales Record {sr} still owns {owned} rows"
+            );
+            let logged = env
+                .count(&format!("SELECT count(*) FROM conversion_log WHERE sales_record_id = {sr} AND individual_id = {ind}"))
+                .await;
+            ensure!(logged == 1, "conversion of {sr} not logged");
+            ensure!(
+                env.count(&format!(
+                    "SELECT count(*) FROM individuals WHERE id = {ind}"
+                ))
+                .await
+                    == 1,
+                "Individual {ind} of {sr} missing"
+            );
+        } else if let Some(before) = children_before.get(&sr) {
+            // Not converted (in this batch): all or nothing means untouched.
+            let was_converted_elsewhere = env
+                .count(&format!(
+                    "SELECT count(*) FROM conversion_log WHERE sales_record_id = {sr}"
+                ))
+                .await
+                > 0;
+            if !was_converted_elsewhere {
+                ensure!(exists == 1, "unconverted Sales Record {sr} is gone");
+                ensure!(
+                    owned == *before,
+                    "unconverted Sales Record {sr} owns {owned} rows, had {before}"
+                );
+            }
+        }
+    }
+    let want = converted.len();
+    let ok = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .filter(|e| {
+                    e.routing_key == "sales_record.converted" && e.body["batch_id"] == batch_id
+                })
+                .map(|e| e.body["sales_record_id"].as_i64().unwrap_or_default())
+                .collect::<HashSet<_>>()
+                .len()
+                >= want
+        })
+        .await;
+    ensure!(
+        ok,
+        "missing sales_record.converted events for batch {batch_id}"
+    );
+    let mut per_record: HashMap<i64, HashSet<String>> = HashMap::new();
+    for e in env.events.of("sales_record.converted").await {
+        if e.body["batch_id"] != batch_id {
+            continue;
+        }
+        per_record
+            .entry(e.body["sales_record_id"].as_i64().unwrap_or_default())
+            .or_default()
+            .insert(e.body["event_id"].as_str().unwrap_or_default().to_owned());
+    }
+    for (sr, ids) in &per_record {
+        ensure!(
+            converted.contains(sr),
+            "event for {sr}, which was not converted"
+        );
+        ensure!(
+            ids.len() == 1,
+            "{sr} has {} distinct converted events",
+            ids.len()
+        );
+    }
+    Ok(s)
+}
+
+/// How many rows each Sales Record owns now (children and sales policies), for
+/// [`convert_batch`]'s untouched check.
+pub async fn owned_rows(env: &TestEnv, sales_records: &[i64]) -> HashMap<i64, i64> {
+    let mut out = HashMap::new();
+    for sr in sales_records {
+        let mut n = 0;
+        for t in CHILD_TABLES {
+            n += env
+                .count(&format!(
+                    "SELECT count(*) FROM {t} WHERE owner_type = 'sales_record' AND owner_id = {sr}"
+                ))
+                .await;
+        }
+        n += env
+            .count(&format!(
+                "SELECT count(*) FROM sales_policies WHERE sales_record_id = {sr}"
+            ))
+            .await;
+        out.insert(*sr, n);
+    }
+    out
+}

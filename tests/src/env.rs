@@ -1,0 +1,291 @@
+//! One test's world: its database, AMQP names, Redis prefix, processes and events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::{ExchangeDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use tokio::sync::Mutex;
+
+use crate::api::Api;
+use crate::events::Events;
+use crate::process::{Proc, workspace_root};
+
+/// PostgreSQL server of the machine (tests create their own database on it).
+pub fn pg_server() -> String {
+    std::env::var("BULKOPS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// RabbitMQ of the machine.
+pub fn amqp_url() -> String {
+    std::env::var("BULKOPS_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Redis of the machine.
+pub fn redis_url() -> String {
+    std::env::var("BULKOPS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The JWT secret every test environment uses.
+pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
+
+/// A test's isolated environment.
+pub struct TestEnv {
+    /// Short unique id (also in every name below).
+    pub id: String,
+    /// The test database's URL.
+    pub db_url: String,
+    /// A pool on it.
+    pub db: DatabaseConnection,
+    /// Every queue and internal exchange starts with this.
+    pub amqp_prefix: String,
+    /// The events exchange.
+    pub events_exchange: String,
+    /// Every Redis key starts with this.
+    pub redis_prefix: String,
+    /// Events published during the test.
+    pub events: Events,
+    /// Where the processes' logs go.
+    pub log_dir: PathBuf,
+    /// Extra configuration for every process started (`BULKOPS__…` pairs).
+    pub overrides: Mutex<Vec<(String, String)>>,
+    amqp: Connection,
+    procs: Mutex<Vec<Arc<Mutex<Proc>>>>,
+    counter: std::sync::atomic::AtomicUsize,
+}
+
+impl TestEnv {
+    /// Creates a migrated database and the AMQP/Redis names for test `name`.
+    pub async fn new(name: &str) -> anyhow::Result<Self> {
+        let id = format!(
+            "{}{}",
+            chrono::Utc::now().format("%H%M%S"),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let db_name = format!("bulkops_t_{id}");
+        let db_url = format!("{}/{db_name}", pg_server());
+        bulkops_migrations::migrate_up(&db_url)
+            .await
+            .context("migrating the test database")?;
+        let mut opts = sea_orm::ConnectOptions::new(db_url.clone());
+        opts.max_connections(8).sqlx_logging(false);
+        let db = Database::connect(opts).await?;
+        let amqp_prefix = format!("t{id}");
+        let events_exchange = format!("t{id}.events");
+        let amqp = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let channel = amqp.create_channel().await?;
+        channel
+            .exchange_declare(
+                events_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let events = Events::capture(&amqp, &events_exchange).await?;
+        let log_dir = workspace_root()
+            .join("target")
+            .join("e2e-logs")
+            .join(format!("{name}-{id}"));
+        tokio::fs::create_dir_all(&log_dir).await?;
+        Ok(Self {
+            id: id.clone(),
+            db_url,
+            db,
+            amqp_prefix,
+            events_exchange,
+            redis_prefix: format!("t{id}"),
+            events,
+            log_dir,
+            overrides: Mutex::new(Vec::new()),
+            amqp,
+            procs: Mutex::new(Vec::new()),
+            counter: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Adds a configuration override for processes started from now on.
+    pub async fn set(&self, key: &str, value: impl ToString) {
+        self.overrides
+            .lock()
+            .await
+            .push((key.to_owned(), value.to_string()));
+    }
+
+    /// The environment every process of this test gets.
+    pub async fn process_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("BULKOPS__DATABASE__URL".into(), self.db_url.clone()),
+            ("BULKOPS__AMQP__URL".into(), amqp_url()),
+            ("BULKOPS__AMQP__PREFIX".into(), self.amqp_prefix.clone()),
+            (
+                "BULKOPS__AMQP__EVENTS_EXCHANGE".into(),
+                self.events_exchange.clone(),
+            ),
+            ("BULKOPS__REDIS__URL".into(), redis_url()),
+            ("BULKOPS__REDIS__PREFIX".into(), self.redis_prefix.clone()),
+            ("BULKOPS__AUTH__JWT_SECRET".into(), SECRET.into()),
+            ("BULKOPS__HTTP__BIND".into(), "127.0.0.1:0".into()),
+            ("BULKOPS__METRICS__BIND".into(), "127.0.0.1:0".into()),
+            ("BULKOPS__DATABASE__MAX_CONNECTIONS".into(), "6".into()),
+            // Short retry tiers and stall detection keep failure scenarios quick.
+            (
+                "BULKOPS__WORKER__RETRY_DELAYS_MS".into(),
+                "200,500,1000".into(),
+            ),
+            ("BULKOPS__WORKER__MAX_ATTEMPTS".into(), "8".into()),
+            ("BULKOPS__WORKER__LOCK_TTL_MS".into(), "3000".into()),
+            ("BULKOPS__SPLIT__POLL_INTERVAL_MS".into(), "200".into()),
+            ("BULKOPS__SPLIT__LEASE_SECS".into(), "3".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        env.extend(self.overrides.lock().await.iter().cloned());
+        env
+    }
+
+    async fn spawn(
+        &self,
+        program: &str,
+        role: &str,
+        marker: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Arc<Mutex<Proc>>> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut env = self.process_env().await;
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let proc = Proc::start(
+            program,
+            &[],
+            &format!("{role}-{n}"),
+            &env,
+            &self.log_dir,
+            Some(marker),
+        )
+        .await?;
+        let proc = Arc::new(Mutex::new(proc));
+        self.procs.lock().await.push(proc.clone());
+        Ok(proc)
+    }
+
+    /// Starts a producer; returns it and an API client for it.
+    pub async fn start_producer(&self) -> anyhow::Result<(Arc<Mutex<Proc>>, Api)> {
+        self.start_producer_with(&[]).await
+    }
+
+    /// Starts a producer with extra environment.
+    pub async fn start_producer_with(
+        &self,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<(Arc<Mutex<Proc>>, Api)> {
+        let proc = self
+            .spawn("bulkops-producer", "producer", "listening on ", extra)
+            .await?;
+        let addr = proc.lock().await.addr.clone().context("producer address")?;
+        Ok((proc, Api::new(&format!("http://{addr}"))))
+    }
+
+    /// Starts a worker.
+    pub async fn start_worker(&self) -> anyhow::Result<Arc<Mutex<Proc>>> {
+        self.start_worker_with(&[]).await
+    }
+
+    /// Starts a worker with extra environment.
+    pub async fn start_worker_with(
+        &self,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Arc<Mutex<Proc>>> {
+        self.spawn("bulkops-worker", "worker", "metrics on ", extra)
+            .await
+    }
+
+    /// Starts a producer and `workers` workers.
+    pub async fn start(&self, workers: usize) -> anyhow::Result<Api> {
+        let (_, api) = self.start_producer().await?;
+        for _ in 0..workers {
+            self.start_worker().await?;
+        }
+        Ok(api)
+    }
+
+    /// Every log line of every process so far.
+    pub async fn logs(&self) -> String {
+        let mut all = String::new();
+        if let Ok(mut dir) = tokio::fs::read_dir(&self.log_dir).await {
+            while let Ok(Some(entry)) = dir.next_entry().await {
+                all.push_str(
+                    &tokio::fs::read_to_string(entry.path())
+                        .await
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        all
+    }
+
+    /// A count from SQL (`SELECT count(*) …` or any query of one bigint column `n`).
+    pub async fn count(&self, sql: &str) -> i64 {
+        let row = self
+            .db
+            .query_one_raw(bulkops_shared::db::stmt(sql, []))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or_else(|| panic!("{sql}: no row"));
+        row.try_get_by_index::<i64>(0)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Stops every process, deletes the test's queues and exchanges, and drops its
+    /// database. Called at the end of a passing test (a failing one leaves its database for
+    /// inspection; its processes die with it).
+    pub async fn finish(self) {
+        for p in self.procs.lock().await.iter() {
+            p.lock().await.kill().await;
+        }
+        if let Ok(ch) = self.amqp.create_channel().await {
+            let topology = bulkops_shared::topology::Topology::new(
+                self.amqp_prefix.clone(),
+                self.events_exchange.clone(),
+                1,
+                vec![
+                    Duration::from_millis(200),
+                    Duration::from_millis(500),
+                    Duration::from_millis(1000),
+                ],
+            );
+            for q in topology.all_queues() {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = ch
+                .exchange_delete(topology.dead_letter_exchange().into(), Default::default())
+                .await;
+            let _ = ch
+                .exchange_delete(self.events_exchange.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = self.amqp.close(200, "done".into()).await;
+        let _ = self.db.close().await;
+        if let Ok(admin) = Database::connect(format!("{}/postgres", pg_server())).await {
+            let _ = admin
+                .execute_unprepared(&format!(
+                    "DROP DATABASE IF EXISTS \"bulkops_t_{}\" WITH (FORCE)",
+                    self.id
+                ))
+                .await;
+            let _ = admin.close().await;
+        }
+        let _ = tokio::fs::remove_dir_all(&self.log_dir).await;
+    }
+}
