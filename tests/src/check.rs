@@ -222,60 +222,61 @@ pub async fn convert_batch(
         .filter(|i| i["status"] == "converted")
         .filter_map(|i| i["target_id"].as_i64())
         .collect();
-    for item in &items {
-        let sr = item["target_id"].as_i64().unwrap_or_default();
-        let owned: i64 = {
-            let mut n = 0;
-            for t in CHILD_TABLES {
-                n += env
-                    .count(&format!("SELECT count(*) FROM {t} WHERE owner_type = 'sales_record' AND owner_id = {sr}"))
-                    .await;
-            }
-            n + env
-                .count(&format!(
-                    "SELECT count(*) FROM sales_policies WHERE sales_record_id = {sr}"
-                ))
+    let targets: Vec<i64> = items
+        .iter()
+        .filter_map(|i| i["target_id"].as_i64())
+        .collect();
+    let owned_now = owned_rows(env, &targets).await;
+    let ids_of = |sql: &'static str| {
+        let targets = targets.clone();
+        async move {
+            crate::fixture::rows(&env.db, sql, vec![targets.into()])
                 .await
-        };
-        let exists = env
-            .count(&format!(
-                "SELECT count(*) FROM sales_records WHERE id = {sr}"
-            ))
-            .await;
-        if item["status"] == "converted" {
-            let ind = item["result_id"].as_i64().unwrap_or_default();
-            ensure!(exists == 0, "converted Sales Record {sr} still exists");
+                .iter()
+                .filter_map(serde_json::Value::as_i64)
+                .collect::<HashSet<i64>>()
+        }
+    };
+    let existing =
+        ids_of("SELECT to_jsonb(id) AS j FROM sales_records WHERE id = ANY($1::bigint[])").await;
+    let logged =
+        ids_of("SELECT to_jsonb(sales_record_id) AS j FROM conversion_log WHERE sales_record_id = ANY($1::bigint[])").await;
+    let orphaned = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items it
+              WHERE it.batch_id = {batch_id} AND it.status = 'converted'
+                AND (NOT EXISTS (SELECT 1 FROM individuals i WHERE i.id = it.result_id)
+                     OR NOT EXISTS (SELECT 1 FROM conversion_log c
+                                     WHERE c.sales_record_id = it.target_id AND c.individual_id = it.result_id))"
+        ))
+        .await;
+    ensure!(
+        orphaned == 0,
+        "{orphaned} converted items lack their Individual or their log entry"
+    );
+    for sr in &targets {
+        let owned = owned_now.get(sr).copied().unwrap_or(0);
+        if converted.contains(sr) {
+            ensure!(
+                !existing.contains(sr),
+                "converted Sales Record {sr} still exists"
+            );
             ensure!(
                 owned == 0,
                 "converted Sales Record {sr} still owns {owned} rows"
             );
-            let logged = env
-                .count(&format!("SELECT count(*) FROM conversion_log WHERE sales_record_id = {sr} AND individual_id = {ind}"))
-                .await;
-            ensure!(logged == 1, "conversion of {sr} not logged");
+        } else if let Some(before) = children_before.get(sr)
+            && !logged.contains(sr)
+        {
+            // Not converted (by this batch or any other): all or nothing means untouched.
             ensure!(
-                env.count(&format!(
-                    "SELECT count(*) FROM individuals WHERE id = {ind}"
-                ))
-                .await
-                    == 1,
-                "Individual {ind} of {sr} missing"
+                existing.contains(sr),
+                "unconverted Sales Record {sr} is gone"
             );
-        } else if let Some(before) = children_before.get(&sr) {
-            // Not converted (in this batch): all or nothing means untouched.
-            let was_converted_elsewhere = env
-                .count(&format!(
-                    "SELECT count(*) FROM conversion_log WHERE sales_record_id = {sr}"
-                ))
-                .await
-                > 0;
-            if !was_converted_elsewhere {
-                ensure!(exists == 1, "unconverted Sales Record {sr} is gone");
-                ensure!(
-                    owned == *before,
-                    "unconverted Sales Record {sr} owns {owned} rows, had {before}"
-                );
-            }
+            ensure!(
+                owned == *before,
+                "unconverted Sales Record {sr} owns {owned} rows, had {before}"
+            );
         }
     }
     let want = converted.len();
@@ -323,22 +324,25 @@ pub async fn convert_batch(
 /// How many rows each Sales Record owns now (children and sales policies), for
 /// [`convert_batch`]'s untouched check.
 pub async fn owned_rows(env: &TestEnv, sales_records: &[i64]) -> HashMap<i64, i64> {
-    let mut out = HashMap::new();
-    for sr in sales_records {
-        let mut n = 0;
-        for t in CHILD_TABLES {
-            n += env
-                .count(&format!(
-                    "SELECT count(*) FROM {t} WHERE owner_type = 'sales_record' AND owner_id = {sr}"
-                ))
-                .await;
+    let union = CHILD_TABLES
+        .iter()
+        .map(|t| format!("SELECT owner_id AS id FROM {t} WHERE owner_type = 'sales_record' AND owner_id = ANY($1::bigint[])"))
+        .chain(std::iter::once(
+            "SELECT sales_record_id AS id FROM sales_policies WHERE sales_record_id = ANY($1::bigint[])".to_owned(),
+        ))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let counted = crate::fixture::rows(
+        &env.db,
+        &format!("SELECT jsonb_build_array(id, count(*)) AS j FROM ({union}) o GROUP BY id"),
+        vec![sales_records.to_vec().into()],
+    )
+    .await;
+    let mut out: HashMap<i64, i64> = sales_records.iter().map(|sr| (*sr, 0)).collect();
+    for pair in counted {
+        if let (Some(id), Some(n)) = (pair[0].as_i64(), pair[1].as_i64()) {
+            out.insert(id, n);
         }
-        n += env
-            .count(&format!(
-                "SELECT count(*) FROM sales_policies WHERE sales_record_id = {sr}"
-            ))
-            .await;
-        out.insert(*sr, n);
     }
     out
 }
