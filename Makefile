@@ -34,9 +34,17 @@ test-unit: ## Unit tests (pure domain rules; no services)
 test-e2e: build ## End-to-end tests against real PostgreSQL, RabbitMQ and Redis
 	$(CARGO) test -p bulkops-tests --locked --test e2e -- --test-threads=$(E2E_THREADS)
 
+.PHONY: test-chart
+test-chart: ## Helm chart (lint, render, Kubernetes schemas), dashboard and compose checks
+	bash tests/chart/run.sh
+
 .PHONY: test
-test: lint test-unit test-e2e ## The whole suite (what CI runs)
+test: lint test-unit test-e2e test-chart ## The whole suite (what CI runs)
 
 .PHONY: clean
 clean: ## Remove build output
 	$(CARGO) clean
+
+.PHONY: demo
+demo: release ## Seed a demo agency, run a producer and two workers, bulk create, convert, show progress
+	bash scripts/demo.sh

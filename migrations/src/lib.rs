@@ -107,6 +107,21 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, DbErr> {
     Ok(created)
 }
 
+/// Drops the database named by `url` if it exists (disconnecting its sessions). For demo
+/// and benchmark resets only.
+///
+/// # Errors
+/// When the server cannot be reached or refuses.
+pub async fn drop_database(url: &str) -> Result<(), DbErr> {
+    let (admin_url, name) = split_database_url(url)?;
+    let admin = Database::connect(admin_url).await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+        .await?;
+    admin.close().await
+}
+
 /// Applies pending migrations (creating the database first if needed), holding an
 /// advisory lock so that concurrent runs apply each migration once.
 ///

@@ -2,10 +2,12 @@
 
 helm-sdkpy exposes no `helm template` and no dry-run: its Install action always talks to a
 cluster. This stub answers just enough of the API on 127.0.0.1 for a real Helm install to
-run end to end: /version, discovery (which decides .Capabilities.APIVersions, so the
-ServiceMonitor and KEDA templates render only when their groups are advertised), and
-create/get/list/watch/delete of namespaced objects kept in a dict. Jobs are stored as
-already complete, so pre-install hooks "succeed" at once. Nothing is scheduled or run.
+run end to end: /version; discovery (which decides .Capabilities.APIVersions, so the
+ServiceMonitor and KEDA templates render only when their groups are advertised); an empty
+OpenAPI v2 document (client-side validation then has no schema and skips); and
+create/get/list/watch (watch-list included)/delete of namespaced objects kept in a dict.
+Jobs are stored as already complete, so pre-install hooks "succeed" at once. Nothing is
+scheduled or run, and no object is validated here: that is kubernetes-validate's job.
 
 Helm keeps the release itself in memory (HELM_DRIVER=memory); the rendered manifests are
 read from the release Install returns.
@@ -50,6 +52,16 @@ OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobu
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients drop watches whenever they like; that is not worth a traceback."""
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class StubApiServer:
     """Serves the stub API in a background thread; use as a context manager."""
 
@@ -60,8 +72,9 @@ class StubApiServer:
         self.objects: dict[tuple[str, str, str, str], dict] = {}
         self.lock = threading.Lock()
         self.rv = 1
+        self.events: list[tuple[int, str, tuple, dict]] = []
         self.requests: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -129,14 +142,13 @@ class StubApiServer:
             def _body(self) -> dict:
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n) if n else b""
-                stub.requests.append(f"  body {self.headers.get('Content-Type')} {self.headers.get('Content-Encoding')} {raw[:40]!r}")
                 return json.loads(raw or b"{}")
 
             def _route(self, method: str) -> None:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
                 parts = [p for p in url.path.split("/") if p]
-                stub.requests.append(f"{method} {self.path} accept={self.headers.get('Accept')}")
+                stub.requests.append(f"{method} {self.path}")
                 if url.path == "/version":
                     major, minor, git = KUBE_VERSION
                     return self._send(
@@ -210,7 +222,7 @@ class StubApiServer:
                 key = (gv, plural, namespace, name)
                 if method == "GET" and not name:
                     if query.get("watch", ["false"])[0] in ("true", "1"):
-                        return self._watch(query)
+                        return self._watch(gv, plural, kind, namespace, query)
                     return self._list(gv, plural, kind, namespace, query)
                 if method == "GET":
                     with stub.lock:
@@ -226,6 +238,7 @@ class StubApiServer:
                         if key in stub.objects:
                             return self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
                         stub.objects[key] = stub._stamp(obj, kind, namespace)
+                        stub._event("ADDED", key, stub.objects[key])
                         return self._send(201, stub.objects[key])
                 if method in ("PUT", "PATCH"):
                     with stub.lock:
@@ -233,28 +246,26 @@ class StubApiServer:
                             return self._status(404, "NotFound", f'{plural} "{name}" not found')
                         if method == "PUT":
                             stub.objects[key] = stub._stamp(self._body(), kind, namespace)
-                        else:
+                            stub._event("MODIFIED", key, stub.objects[key])
+                        else:  # patches are accepted and ignored
                             self._body()
                         return self._send(200, stub.objects[key])
                 if method == "DELETE":
                     self._body()
                     with stub.lock:
                         obj = stub.objects.pop(key, None)
+                        if obj is not None:
+                            stub.rv += 1
+                            stub._event("DELETED", key, obj)
                     if obj is None:
                         return self._status(404, "NotFound", f'{plural} "{name}" not found')
                     return self._status(200, "", "deleted")
                 return self._status(405, "MethodNotAllowed", method)
 
             def _list(self, gv, plural, kind, namespace, query) -> None:
-                field = query.get("fieldSelector", [""])[0]
-                want = field.split("=", 1)[1] if field.startswith("metadata.name=") else None
+                match = self._matcher(gv, plural, namespace, query)
                 with stub.lock:
-                    items = [
-                        o
-                        for (g, p, ns, n), o in stub.objects.items()
-                        if g == gv and p == plural and (not namespace or ns == namespace)
-                        and (want is None or n == want)
-                    ]
+                    items = [o for k, o in stub.objects.items() if match(k)]
                     rv = str(stub.rv)
                 self._send(
                     200,
@@ -266,15 +277,65 @@ class StubApiServer:
                     },
                 )
 
-            def _watch(self, query) -> None:
-                # No events: every object is already in its final state. Hold the watch
-                # briefly, then end it (clients simply watch again).
+            def _watch(self, gv, plural, kind, namespace, query) -> None:
+                # Watch-list (sendInitialEvents) first replays what exists and marks the end
+                # with a bookmark; a plain watch streams what changed after resourceVersion.
+                # The stream ends after a few seconds; clients simply watch again.
+                match = self._matcher(gv, plural, namespace, query)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                time.sleep(min(1.0, float(query.get("timeoutSeconds", ["1"])[0])))
+
+                def emit(kind_, obj):
+                    data = json.dumps({"type": kind_, "object": obj}).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+
+                with stub.lock:
+                    since = stub.rv
+                    initial = [o for k, o in stub.objects.items() if match(k)]
+                if query.get("sendInitialEvents", ["false"])[0] == "true":
+                    for obj in initial:
+                        emit("ADDED", obj)
+                    emit(
+                        "BOOKMARK",
+                        {
+                            "kind": kind,
+                            "apiVersion": gv,
+                            "metadata": {
+                                "resourceVersion": str(since),
+                                "annotations": {"k8s.io/initial-events-end": "true"},
+                            },
+                        },
+                    )
+                else:
+                    try:
+                        since = int(query.get("resourceVersion", [since])[0] or since)
+                    except ValueError:
+                        pass
+                deadline = time.monotonic() + min(3.0, float(query.get("timeoutSeconds", ["3"])[0]))
+                while time.monotonic() < deadline:
+                    with stub.lock:
+                        events = [e for e in stub.events if e[0] > since and match(e[2])]
+                    for rv, type_, _, obj in events:
+                        emit(type_, obj)
+                        since = rv
+                    time.sleep(0.05)
                 self.wfile.write(b"0\r\n\r\n")
+
+            def _matcher(self, gv, plural, namespace, query):
+                field = query.get("fieldSelector", [""])[0]
+                want = field.split("=", 1)[1] if field.startswith("metadata.name=") else None
+
+                def match(key):
+                    g, p, ns, n = key
+                    return (
+                        g == gv and p == plural and (not namespace or ns == namespace)
+                        and (want is None or n == want)
+                    )
+
+                return match
 
             def do_GET(self):
                 self._route("GET")
@@ -292,6 +353,9 @@ class StubApiServer:
                 self._route("DELETE")
 
         return Handler
+
+    def _event(self, type_: str, key: tuple, obj: dict) -> None:
+        self.events.append((self.rv, type_, key, obj))
 
     def _stamp(self, obj: dict, kind: str, namespace: str) -> dict:
         self.rv += 1

@@ -49,6 +49,9 @@ enum Command {
         /// Apply migrations first (creating the database when missing).
         #[arg(long)]
         migrate: bool,
+        /// Drop the database first (implies --migrate). Demo and benchmark use only.
+        #[arg(long)]
+        reset: bool,
     },
     /// Give Sales Records a lead's history (notes, SOA notes, activities, attachments,
     /// prescriptions, sales policies, …): those a batch created, and/or new stand-alone
@@ -171,8 +174,14 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             name,
             seed,
             migrate,
+            reset,
         } => {
-            if migrate {
+            if reset {
+                bulkops_migrations::drop_database(settings.database.url.expose_secret())
+                    .await
+                    .context("dropping the database")?;
+            }
+            if migrate || reset {
                 bulkops_migrations::migrate_up(settings.database.url.expose_secret())
                     .await
                     .context("migrations")?;

@@ -1,0 +1,297 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "bulkops.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name.
+We truncate at 63 chars because some Kubernetes name fields are limited to this (by the DNS naming spec).
+If release name contains chart name it will be used as a full name.
+*/}}
+{{- define "bulkops.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "bulkops.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels
+*/}}
+{{- define "bulkops.labels" -}}
+helm.sh/chart: {{ include "bulkops.chart" . }}
+{{ include "bulkops.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: bulkops
+{{- end }}
+
+{{/*
+Selector labels
+*/}}
+{{- define "bulkops.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "bulkops.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Name, labels and selector labels of one component (producer, worker, migrate).
+Called with (dict "root" $ "component" "producer").
+*/}}
+{{- define "bulkops.componentName" -}}
+{{- printf "%s-%s" (include "bulkops.fullname" .root | trunc 52 | trimSuffix "-") .component }}
+{{- end }}
+
+{{- define "bulkops.componentLabels" -}}
+{{ include "bulkops.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "bulkops.componentSelectorLabels" -}}
+{{ include "bulkops.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "bulkops.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "bulkops.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding database-url, amqp-url, redis-url and jwt-secret: the operator's
+existingSecret, or the one this chart creates from .Values.secrets.
+*/}}
+{{- define "bulkops.secretName" -}}
+{{- if .Values.existingSecret }}
+{{- .Values.existingSecret }}
+{{- else }}
+{{- include "bulkops.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret keys and the environment variables they become (CONTRACT section 5).
+*/}}
+{{- define "bulkops.secretEnvNames" -}}
+database-url: BULKOPS__DATABASE__URL
+amqp-url: BULKOPS__AMQP__URL
+redis-url: BULKOPS__REDIS__URL
+jwt-secret: BULKOPS__AUTH__JWT_SECRET
+{{- end }}
+
+{{/*
+Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs and its extra
+variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...) "extraEnv" LIST).
+*/}}
+{{- define "bulkops.env" -}}
+{{- $names := include "bulkops.secretEnvNames" . | fromYaml -}}
+- name: BULKOPS_CONFIG
+  value: /etc/bulkops/bulkops.toml
+{{- range .secretKeys }}
+- name: {{ get $names . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.secretName }}
+      key: {{ . }}
+{{- end }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference of a component. Called with (dict "root" $ "image" .Values.<component>.image).
+*/}}
+{{- define "bulkops.image" -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Listen ports, fixed by the chart (the ConfigMap sets http.bind and metrics.bind to them).
+*/}}
+{{- define "bulkops.producerPort" -}}8080{{- end }}
+{{- define "bulkops.workerPort" -}}9090{{- end }}
+
+{{/*
+One TOML value: strings are JSON-quoted (valid TOML basic strings), whole numbers print
+without a fraction (YAML numbers reach templates as float64), lists recurse.
+*/}}
+{{- define "bulkops.tomlValue" -}}
+{{- if kindIs "slice" . -}}
+[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "bulkops.tomlValue" $v }}{{ end }}]
+{{- else if kindIs "string" . -}}
+{{ toJson . }}
+{{- else if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{ int64 . }}
+{{- else -}}
+{{ . }}
+{{- end -}}
+{{- end }}
+
+{{/*
+The TOML file named by BULKOPS_CONFIG: .Values.config plus the listen addresses.
+Secrets never appear here; they come from the environment.
+*/}}
+{{- define "bulkops.configToml" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $_ := set $config "http" (merge (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.producerPort" .))) $config.http) }}
+{{- $_ = set $config "metrics" (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.workerPort" .))) -}}
+# Rendered by the bulkops chart from .Values.config (keys: config/default.toml).
+# Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL,
+# BULKOPS__REDIS__URL, BULKOPS__AUTH__JWT_SECRET.
+{{- range $section := keys $config | sortAlpha }}
+{{- $values := get $config $section }}
+
+[{{ $section }}]
+{{- range $key := keys $values | sortAlpha }}
+{{ $key }} = {{ include "bulkops.tomlValue" (get $values $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks the schema cannot express: required secrets, and values that must agree. (The grace
+periods are held above the 29 s drain limit by the schema.)
+*/}}
+{{- define "bulkops.validate" -}}
+{{- if gt (int .Values.config.database.min_connections) (int .Values.config.database.max_connections) }}
+{{- fail "config.database.min_connections must not exceed config.database.max_connections" }}
+{{- end }}
+{{- if not .Values.existingSecret }}
+{{- range $key := list "databaseUrl" "amqpUrl" "redisUrl" "jwtSecret" }}
+{{- if not (get $.Values.secrets $key) }}
+{{- fail (printf "secrets.%s is required unless existingSecret names a Secret with keys database-url, amqp-url, redis-url and jwt-secret" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod template of every bulkops workload (producer, worker, migration Job).
+Called with a dict:
+  root        the chart's root context ($)
+  component   producer | worker | migrate
+  values      the component's values (.Values.producer, ...)
+  configName  the ConfigMap holding bulkops.toml
+  secretName  the Secret holding the secret keys
+  secretKeys  the secret keys the program needs
+  port        (optional) dict with name and number of the container port
+  args        (optional) container arguments
+  restartPolicy (optional) for Jobs
+*/}}
+{{- define "bulkops.podTemplate" -}}
+{{- $root := .root }}
+{{- $v := .values -}}
+metadata:
+  annotations:
+    checksum/config: {{ include "bulkops.configToml" $root | sha256sum }}
+    {{- if not $root.Values.existingSecret }}
+    checksum/secret: {{ toJson $root.Values.secrets | sha256sum }}
+    {{- end }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  labels:
+    {{- include "bulkops.componentLabels" (dict "root" $root "component" .component) | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .serviceAccountName }}
+  serviceAccountName: {{ .serviceAccountName }}
+  {{- end }}
+  automountServiceAccountToken: {{ $root.Values.serviceAccount.automount }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- with .restartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
+  {{- with $v.terminationGracePeriodSeconds }}
+  terminationGracePeriodSeconds: {{ . }}
+  {{- end }}
+  containers:
+    - name: {{ .component }}
+      image: {{ include "bulkops.image" (dict "root" $root "image" $v.image) | quote }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- with .args }}
+      args:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .port }}
+      ports:
+        - name: {{ .name }}
+          containerPort: {{ .number }}
+          protocol: TCP
+      {{- end }}
+      env:
+        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "extraEnv" $v.extraEnv) | nindent 8 }}
+      {{- with $v.livenessProbe }}
+      livenessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.readinessProbe }}
+      readinessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml $v.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/bulkops
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    - name: config
+      configMap:
+        name: {{ .configName }}
+    # The root filesystem is read-only; /tmp is the only writable place.
+    - name: tmp
+      emptyDir:
+        sizeLimit: 64Mi
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
