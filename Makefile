@@ -34,12 +34,23 @@ test-unit: ## Unit tests (pure domain rules; no services)
 test-e2e: build ## End-to-end tests against real PostgreSQL, RabbitMQ and Redis
 	$(CARGO) test -p bulkops-tests --locked --test e2e -- --test-threads=$(E2E_THREADS)
 
+.PHONY: test-faults
+test-faults: build ## The fault suite (FAULT_RUNS=n repeats each scenario); writes docs/RELIABILITY.md's table
+	rm -f target/reliability/results.jsonl
+	FAULT_RUNS=$${FAULT_RUNS:-1} $(CARGO) test -p bulkops-tests --locked --test faults -- --test-threads=2
+	bash scripts/reliability-table.sh > target/reliability/table.md
+	python3 scripts/update-reliability-doc.py target/reliability/table.md "make test-faults FAULT_RUNS=$${FAULT_RUNS:-1}"
+
+.PHONY: test-faults-ci
+test-faults-ci: build ## The fault suite, each scenario once (part of make test)
+	$(CARGO) test -p bulkops-tests --locked --test faults -- --test-threads=2
+
 .PHONY: test-chart
 test-chart: ## Helm chart (lint, render, Kubernetes schemas), dashboard and compose checks
 	bash tests/chart/run.sh
 
 .PHONY: test
-test: lint test-unit test-e2e test-chart ## The whole suite (what CI runs)
+test: lint test-unit test-e2e test-faults-ci test-chart ## The whole suite (what CI runs)
 
 .PHONY: clean
 clean: ## Remove build output

@@ -107,6 +107,12 @@ async fn queues(link: &AmqpLink, topology: &Topology, metrics: &ProducerMetrics)
             return;
         }
     };
+    // Declaring is idempotent; it makes the passive reads below find every queue even on a
+    // broker nothing has published to yet.
+    if let Err(e) = with_timeout(link.timeout(), topology.declare(&channel)).await {
+        tracing::debug!(error = %e, "queue gauges not refreshed");
+        return;
+    }
     for queue in topology.all_queues() {
         let declared = with_timeout(
             link.timeout(),

@@ -200,9 +200,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Middleware: any error response that is not already problem+json (axum's own 404, 405,
-/// 413, a timeout's 408/503, a panic's 500) is replaced by a problem document with the same
-/// status, so clients and the OpenAPI document see one error shape.
+/// Middleware: any error response that is not already JSON (axum's own 404, 405, 413, a
+/// timeout's 503, a panic's 500) is replaced by a problem document with the same status, so
+/// clients and the OpenAPI document see one error shape.
 pub async fn problem_fallback(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -212,11 +212,15 @@ pub async fn problem_fallback(
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_problem = response
+    // Problem documents, and deliberate JSON answers such as /readyz's 503, pass as they are.
+    let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    if is_problem {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(PROBLEM_JSON.as_bytes())
+                || v.as_bytes().starts_with(b"application/json")
+        });
+    if is_json {
         return response;
     }
     let (slug, detail) = match status {

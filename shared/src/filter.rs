@@ -342,6 +342,13 @@ impl SearchFilter {
                     format!("values are at most {MAX_VALUE_LEN} characters"),
                 ));
             }
+            // PostgreSQL text cannot hold NUL characters.
+            if list.iter().any(|v| v.contains('\0')) {
+                errors.push(FieldError::new(
+                    p(name),
+                    "values must not contain NUL characters",
+                ));
+            }
         }
         if i.servicing_agent_id.len() > MAX_LIST_LEN {
             errors.push(FieldError::new(
@@ -581,6 +588,12 @@ mod tests {
             );
             assert!(!errs[0].message.contains("SECRET"));
         }
+    }
+
+    #[test]
+    fn nul_characters_are_refused() {
+        let errs = parse(json!({"individual": {"city": ["Aus\u{0}tin"]}})).unwrap_err();
+        assert_eq!(errs[0].field, "filter.individual.city");
     }
 
     #[test]

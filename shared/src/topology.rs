@@ -144,7 +144,12 @@ impl Topology {
             )
             .await?;
         for queue in [self.dead_queue(), self.dead_watch_queue()] {
-            declare_queue(channel, &queue, quorum_args()).await?;
+            // Listing the dead letters (read, then returned) and a watcher waiting out a
+            // database outage return messages many times; RabbitMQ 4 would drop a quorum
+            // queue's message after 20 returns without an explicit, generous limit.
+            let mut args = quorum_args();
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1_000_000));
+            declare_queue(channel, &queue, args).await?;
             channel
                 .queue_bind(
                     queue.into(),

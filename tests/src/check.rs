@@ -346,3 +346,223 @@ pub async fn owned_rows(env: &TestEnv, sales_records: &[i64]) -> HashMap<i64, i6
     }
     out
 }
+
+/// What a fault scenario's history check counts (all must be zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    /// Items in the batch.
+    pub items: i64,
+    /// Items without an outcome, outcomes whose effect is missing, committed changes
+    /// without their event, and events whose change is missing.
+    pub lost: i64,
+    /// Individuals with two Sales Records, changes announced by two distinct events,
+    /// batches completed twice.
+    pub duplicated: i64,
+    /// Conversions half done: a converted Sales Record still there or still owning rows, an
+    /// unconverted one that lost rows.
+    pub partial: i64,
+}
+
+async fn event_ids(
+    env: &TestEnv,
+    routing_key: &str,
+    batch_id: i64,
+    id_field: &str,
+) -> HashMap<i64, HashSet<String>> {
+    let mut per: HashMap<i64, HashSet<String>> = HashMap::new();
+    for e in env.events.of(routing_key).await {
+        if e.body["batch_id"] != batch_id {
+            continue;
+        }
+        per.entry(e.body[id_field].as_i64().unwrap_or_default())
+            .or_default()
+            .insert(e.body["event_id"].as_str().unwrap_or_default().to_owned());
+    }
+    per
+}
+
+async fn tally_common(env: &TestEnv, batch_id: i64) -> Tally {
+    let items = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items WHERE batch_id = {batch_id}"
+        ))
+        .await;
+    let pending = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items WHERE batch_id = {batch_id} AND status = 'pending'"
+        ))
+        .await;
+    let counters_off = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_batches b WHERE b.id = {batch_id} AND (
+               b.n_created <> (SELECT count(*) FROM bulk_items WHERE batch_id = b.id AND status = 'created') OR
+               b.n_converted <> (SELECT count(*) FROM bulk_items WHERE batch_id = b.id AND status = 'converted') OR
+               b.n_skipped <> (SELECT count(*) FROM bulk_items WHERE batch_id = b.id AND status = 'skipped') OR
+               b.n_failed <> (SELECT count(*) FROM bulk_items WHERE batch_id = b.id AND status = 'failed') OR
+               b.state <> 'completed')"
+        ))
+        .await;
+    let completions = env
+        .events
+        .of("bulk_batch.completed")
+        .await
+        .iter()
+        .filter(|e| e.body["batch_id"] == batch_id)
+        .map(|e| e.body["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect::<HashSet<_>>()
+        .len() as i64;
+    Tally {
+        items,
+        lost: pending + counters_off + i64::from(completions == 0),
+        duplicated: (completions - 1).max(0),
+        partial: 0,
+    }
+}
+
+/// Counts a bulk create batch's losses and duplicates (waiting a while for events).
+pub async fn tally_create(env: &TestEnv, batch_id: i64) -> Tally {
+    let _ = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
+        })
+        .await;
+    let created: HashSet<i64> = crate::fixture::rows(
+        &env.db,
+        "SELECT to_jsonb(result_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'created'",
+        vec![batch_id.into()],
+    )
+    .await
+    .iter()
+    .filter_map(serde_json::Value::as_i64)
+    .collect();
+    let want = created.len();
+    let _ = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .filter(|e| {
+                    e.routing_key == "sales_record.created" && e.body["batch_id"] == batch_id
+                })
+                .filter_map(|e| e.body["sales_record_id"].as_i64())
+                .collect::<HashSet<_>>()
+                .len()
+                >= want
+        })
+        .await;
+    let mut t = tally_common(env, batch_id).await;
+    let missing_effect = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items it LEFT JOIN sales_records sr ON sr.id = it.result_id
+              WHERE it.batch_id = {batch_id} AND it.status = 'created'
+                AND (sr.id IS NULL OR sr.individual_id <> it.target_id)"
+        ))
+        .await;
+    let dup_records = env
+        .count(&format!(
+            "SELECT count(*) FROM (SELECT sr.individual_id FROM sales_records sr
+                JOIN bulk_items it ON it.target_id = sr.individual_id AND it.batch_id = {batch_id}
+               GROUP BY sr.individual_id HAVING count(*) > 1) d"
+        ))
+        .await;
+    let events = event_ids(env, "sales_record.created", batch_id, "sales_record_id").await;
+    let without_event = created.iter().filter(|id| !events.contains_key(id)).count() as i64;
+    let without_change = events.keys().filter(|id| !created.contains(id)).count() as i64;
+    let dup_events: i64 = events
+        .values()
+        .map(|ids| (ids.len() as i64 - 1).max(0))
+        .sum();
+    t.lost += missing_effect + without_event + without_change;
+    t.duplicated += dup_records + dup_events;
+    t
+}
+
+/// Counts a conversion batch's losses, duplicates and partial conversions.
+pub async fn tally_convert(env: &TestEnv, batch_id: i64, before: &HashMap<i64, i64>) -> Tally {
+    let _ = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
+        })
+        .await;
+    let converted: HashSet<i64> = crate::fixture::rows(
+        &env.db,
+        "SELECT to_jsonb(target_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'converted'",
+        vec![batch_id.into()],
+    )
+    .await
+    .iter()
+    .filter_map(serde_json::Value::as_i64)
+    .collect();
+    let want = converted.len();
+    let _ = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .filter(|e| {
+                    e.routing_key == "sales_record.converted" && e.body["batch_id"] == batch_id
+                })
+                .filter_map(|e| e.body["sales_record_id"].as_i64())
+                .collect::<HashSet<_>>()
+                .len()
+                >= want
+        })
+        .await;
+    let mut t = tally_common(env, batch_id).await;
+    let missing_effect = env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_items it
+              WHERE it.batch_id = {batch_id} AND it.status = 'converted'
+                AND (NOT EXISTS (SELECT 1 FROM individuals i WHERE i.id = it.result_id)
+                     OR NOT EXISTS (SELECT 1 FROM conversion_log c
+                                     WHERE c.sales_record_id = it.target_id AND c.individual_id = it.result_id))"
+        ))
+        .await;
+    let targets: Vec<i64> = before.keys().copied().collect();
+    let owned_now = owned_rows(env, &targets).await;
+    let existing: HashSet<i64> = crate::fixture::rows(
+        &env.db,
+        "SELECT to_jsonb(id) AS j FROM sales_records WHERE id = ANY($1::bigint[])",
+        vec![targets.clone().into()],
+    )
+    .await
+    .iter()
+    .filter_map(serde_json::Value::as_i64)
+    .collect();
+    let mut partial = 0;
+    for sr in &targets {
+        let owned = owned_now.get(sr).copied().unwrap_or(0);
+        if converted.contains(sr) {
+            partial += i64::from(existing.contains(sr) || owned > 0);
+        } else {
+            partial +=
+                i64::from(!existing.contains(sr) || owned != before.get(sr).copied().unwrap_or(0));
+        }
+    }
+    // A Sales Record converted into more than one Individual would show as two Conversion
+    // notes or two log entries; the log's key forbids the latter, so count the former.
+    let dup_conversions = env
+        .count(&format!(
+            "SELECT count(*) FROM (SELECT n.owner_id FROM notes n
+                JOIN bulk_items it ON it.result_id = n.owner_id AND it.batch_id = {batch_id} AND it.status = 'converted'
+               WHERE n.owner_type = 'individual' AND n.subject = 'Conversion'
+               GROUP BY n.owner_id HAVING count(*) > 1) d"
+        ))
+        .await;
+    let events = event_ids(env, "sales_record.converted", batch_id, "sales_record_id").await;
+    let without_event = converted
+        .iter()
+        .filter(|id| !events.contains_key(id))
+        .count() as i64;
+    let without_change = events.keys().filter(|id| !converted.contains(id)).count() as i64;
+    let dup_events: i64 = events
+        .values()
+        .map(|ids| (ids.len() as i64 - 1).max(0))
+        .sum();
+    t.lost += missing_effect + without_event + without_change;
+    t.duplicated += dup_conversions + dup_events;
+    t.partial = partial;
+    t
+}

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::options::{ExchangeDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::QueueDeleteOptions;
+use lapin::{Connection, ConnectionProperties};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use tokio::sync::Mutex;
 
@@ -31,6 +30,34 @@ pub fn redis_url() -> String {
     std::env::var("BULKOPS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Where the programs and the harness find the services. The programs may go through a
+/// fault proxy or to an instance the test restarts; the harness always goes direct.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// PostgreSQL server base URL for the programs (the test database name is appended).
+    pub pg: String,
+    /// PostgreSQL server base URL for the harness.
+    pub pg_direct: String,
+    /// RabbitMQ URL for the programs.
+    pub amqp: String,
+    /// RabbitMQ URL for the harness.
+    pub amqp_direct: String,
+    /// Redis URL for the programs.
+    pub redis: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            pg: pg_server(),
+            pg_direct: pg_server(),
+            amqp: amqp_url(),
+            amqp_direct: amqp_url(),
+            redis: redis_url(),
+        }
+    }
+}
+
 /// The JWT secret every test environment uses.
 pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
 
@@ -48,27 +75,34 @@ pub struct TestEnv {
     pub events_exchange: String,
     /// Every Redis key starts with this.
     pub redis_prefix: String,
+    /// Where the services are.
+    pub endpoints: Endpoints,
     /// Events published during the test.
     pub events: Events,
     /// Where the processes' logs go.
     pub log_dir: PathBuf,
     /// Extra configuration for every process started (`BULKOPS__…` pairs).
     pub overrides: Mutex<Vec<(String, String)>>,
-    amqp: Connection,
     procs: Mutex<Vec<Arc<Mutex<Proc>>>>,
     counter: std::sync::atomic::AtomicUsize,
 }
 
 impl TestEnv {
-    /// Creates a migrated database and the AMQP/Redis names for test `name`.
+    /// Creates a migrated database and the AMQP/Redis names for test `name`, on the
+    /// machine's services.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
+        Self::with(name, Endpoints::default()).await
+    }
+
+    /// As [`TestEnv::new`], on the given services.
+    pub async fn with(name: &str, endpoints: Endpoints) -> anyhow::Result<Self> {
         let id = format!(
             "{}{}",
             chrono::Utc::now().format("%H%M%S"),
             &uuid::Uuid::new_v4().simple().to_string()[..6]
         );
         let db_name = format!("bulkops_t_{id}");
-        let db_url = format!("{}/{db_name}", pg_server());
+        let db_url = format!("{}/{db_name}", endpoints.pg_direct);
         bulkops_migrations::migrate_up(&db_url)
             .await
             .context("migrating the test database")?;
@@ -77,20 +111,12 @@ impl TestEnv {
         let db = Database::connect(opts).await?;
         let amqp_prefix = format!("t{id}");
         let events_exchange = format!("t{id}.events");
-        let amqp = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let channel = amqp.create_channel().await?;
-        channel
-            .exchange_declare(
-                events_exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let events = Events::capture(&amqp, &events_exchange).await?;
+        let events = Events::capture(
+            &endpoints.amqp_direct,
+            &events_exchange,
+            &format!("{amqp_prefix}.capture"),
+        )
+        .await?;
         let log_dir = workspace_root()
             .join("target")
             .join("e2e-logs")
@@ -98,15 +124,15 @@ impl TestEnv {
         tokio::fs::create_dir_all(&log_dir).await?;
         Ok(Self {
             id: id.clone(),
-            db_url,
+            db_url: format!("{}/{db_name}", endpoints.pg),
             db,
             amqp_prefix,
             events_exchange,
             redis_prefix: format!("t{id}"),
+            endpoints,
             events,
             log_dir,
             overrides: Mutex::new(Vec::new()),
-            amqp,
             procs: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -124,13 +150,13 @@ impl TestEnv {
     pub async fn process_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
             ("BULKOPS__DATABASE__URL".into(), self.db_url.clone()),
-            ("BULKOPS__AMQP__URL".into(), amqp_url()),
+            ("BULKOPS__AMQP__URL".into(), self.endpoints.amqp.clone()),
             ("BULKOPS__AMQP__PREFIX".into(), self.amqp_prefix.clone()),
             (
                 "BULKOPS__AMQP__EVENTS_EXCHANGE".into(),
                 self.events_exchange.clone(),
             ),
-            ("BULKOPS__REDIS__URL".into(), redis_url()),
+            ("BULKOPS__REDIS__URL".into(), self.endpoints.redis.clone()),
             ("BULKOPS__REDIS__PREFIX".into(), self.redis_prefix.clone()),
             ("BULKOPS__AUTH__JWT_SECRET".into(), SECRET.into()),
             ("BULKOPS__HTTP__BIND".into(), "127.0.0.1:0".into()),
@@ -218,6 +244,32 @@ impl TestEnv {
         Ok(api)
     }
 
+    /// Runs the `bulkops` CLI with this test's configuration; returns its exit status,
+    /// stdout and stderr.
+    pub async fn cli(
+        &self,
+        args: &[&str],
+    ) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
+        let mut cmd = tokio::process::Command::new(crate::process::bin_dir().join("bulkops"));
+        cmd.args(args).current_dir(workspace_root());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BULKOPS") || k == "RUST_LOG" {
+                cmd.env_remove(&k);
+            }
+        }
+        for (k, v) in self.process_env().await {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+            .await
+            .context("bulkops CLI timed out")??;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// Every log line of every process so far.
     pub async fn logs(&self) -> String {
         let mut all = String::new();
@@ -231,6 +283,17 @@ impl TestEnv {
             }
         }
         all
+    }
+
+    /// A count from SQL, or `None` when the database does not answer (a test restarting
+    /// it polls with this).
+    pub async fn try_count(&self, sql: &str) -> Option<i64> {
+        let row = self
+            .db
+            .query_one_raw(bulkops_shared::db::stmt(sql, []))
+            .await
+            .ok()??;
+        row.try_get_by_index::<i64>(0).ok()
     }
 
     /// A count from SQL (`SELECT count(*) …` or any query of one bigint column `n`).
@@ -252,7 +315,15 @@ impl TestEnv {
         for p in self.procs.lock().await.iter() {
             p.lock().await.kill().await;
         }
-        if let Ok(ch) = self.amqp.create_channel().await {
+        let amqp =
+            Connection::connect(&self.endpoints.amqp_direct, ConnectionProperties::default())
+                .await
+                .ok();
+        let channel = match &amqp {
+            Some(c) => c.create_channel().await.ok(),
+            None => None,
+        };
+        if let Some(ch) = channel {
             let topology = bulkops_shared::topology::Topology::new(
                 self.amqp_prefix.clone(),
                 self.events_exchange.clone(),
@@ -263,7 +334,9 @@ impl TestEnv {
                     Duration::from_millis(1000),
                 ],
             );
-            for q in topology.all_queues() {
+            let mut queues = topology.all_queues();
+            queues.push(format!("{}.capture", self.amqp_prefix));
+            for q in queues {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await;
@@ -275,9 +348,12 @@ impl TestEnv {
                 .exchange_delete(self.events_exchange.as_str().into(), Default::default())
                 .await;
         }
-        let _ = self.amqp.close(200, "done".into()).await;
+        if let Some(c) = amqp {
+            let _ = c.close(200, "done".into()).await;
+        }
         let _ = self.db.close().await;
-        if let Ok(admin) = Database::connect(format!("{}/postgres", pg_server())).await {
+        if let Ok(admin) = Database::connect(format!("{}/postgres", self.endpoints.pg_direct)).await
+        {
             let _ = admin
                 .execute_unprepared(&format!(
                     "DROP DATABASE IF EXISTS \"bulkops_t_{}\" WITH (FORCE)",

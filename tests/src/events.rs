@@ -1,11 +1,17 @@
-//! Captures every event published to a test's events exchange.
+//! Captures every event published to a test's events exchange, through a durable queue and
+//! a consumer that reconnects, so that a broker restart during a test loses no event from
+//! the capture either.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::Connection;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -26,54 +32,88 @@ pub struct Event {
 #[derive(Clone, Default)]
 pub struct Events(Arc<Mutex<Vec<Event>>>);
 
-impl Events {
-    /// Binds an exclusive queue to `exchange` with `#` and collects what arrives.
-    pub async fn capture(conn: &Connection, exchange: &str) -> anyhow::Result<Self> {
-        let ch = conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        ch.queue_bind(
-            q.name().clone(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
+async fn setup(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+) -> anyhow::Result<(Connection, lapin::Consumer)> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "capture".into(),
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-        let mut consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "capture".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    Ok((conn, consumer))
+}
+
+impl Events {
+    /// Binds the durable queue `queue` to `exchange` with `#` and collects what arrives,
+    /// reconnecting after broker failures.
+    pub async fn capture(url: &str, exchange: &str, queue: &str) -> anyhow::Result<Self> {
+        let first = setup(url, exchange, queue).await?;
         let events = Events::default();
         let sink = events.0.clone();
+        let (url, exchange, queue) = (url.to_owned(), exchange.to_owned(), queue.to_owned());
         tokio::spawn(async move {
-            let _keep = ch;
-            while let Some(Ok(d)) = consumer.next().await {
-                let raw = String::from_utf8_lossy(&d.data).into_owned();
-                sink.lock().await.push(Event {
-                    routing_key: d.routing_key.as_str().to_owned(),
-                    body: serde_json::from_str(&raw).unwrap_or(Value::Null),
-                    raw,
-                    message_id: d
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|m| m.as_str().to_owned()),
-                });
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            let mut current = Some(first);
+            loop {
+                let (conn, mut consumer) = match current.take() {
+                    Some(c) => c,
+                    None => match setup(&url, &exchange, &queue).await {
+                        Ok(c) => c,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    },
+                };
+                while let Some(Ok(d)) = consumer.next().await {
+                    let raw = String::from_utf8_lossy(&d.data).into_owned();
+                    sink.lock().await.push(Event {
+                        routing_key: d.routing_key.as_str().to_owned(),
+                        body: serde_json::from_str(&raw).unwrap_or(Value::Null),
+                        raw,
+                        message_id: d
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|m| m.as_str().to_owned()),
+                    });
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                }
+                drop(conn);
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
         Ok(events)
@@ -96,11 +136,7 @@ impl Events {
     }
 
     /// Waits until `pred` holds over the captured events (bounded).
-    pub async fn wait_until(
-        &self,
-        within: std::time::Duration,
-        pred: impl Fn(&[Event]) -> bool,
-    ) -> bool {
+    pub async fn wait_until(&self, within: Duration, pred: impl Fn(&[Event]) -> bool) -> bool {
         let started = std::time::Instant::now();
         loop {
             if pred(&self.0.lock().await) {
@@ -109,7 +145,7 @@ impl Events {
             if started.elapsed() > within {
                 return false;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

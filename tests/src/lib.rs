@@ -13,6 +13,8 @@
 //! - [`events`]: captured workflow events.
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
+//! - [`proxy`]: a fault-injecting TCP proxy.
+//! - [`services`]: PostgreSQL, RabbitMQ and Redis instances a test starts (and restarts) itself.
 
 pub mod api;
 pub mod check;
@@ -20,5 +22,7 @@ pub mod env;
 pub mod events;
 pub mod fixture;
 pub mod process;
+pub mod proxy;
+pub mod services;
 
 pub use env::TestEnv;

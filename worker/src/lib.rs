@@ -64,6 +64,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         topology: topology.clone(),
         settings: settings.worker.clone(),
         metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        chunk_timeout: Duration::from_millis(match settings.database.statement_timeout_ms {
+            0 => 120_000,
+            ms => ms.saturating_mul(2),
+        }),
     });
 
     let tasks = TaskTracker::new();

@@ -58,6 +58,10 @@ pub struct Processor {
     pub settings: WorkerSettings,
     /// Metrics.
     pub metrics: WorkerMetrics,
+    /// Fired at shutdown: stops waiting for a dependency that is down.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Longest a chunk's transaction may take before it counts as a database outage.
+    pub chunk_timeout: std::time::Duration,
 }
 
 impl Processor {
@@ -93,19 +97,28 @@ impl Processor {
     }
 
     async fn process_batch(self: &Arc<Self>, lane: Lane, batch_id: BatchId, works: Vec<Work>) {
-        let meta = match self.meta.get(batch_id).await {
-            Ok(Some(meta)) => meta,
-            Ok(None) => {
-                tracing::warn!(batch_id = %batch_id, "message for a batch that does not exist");
-                self.dead_letter(lane, works, "unknown_batch", "unknown_batch")
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let failure = Failure::from_db(&e);
-                tracing::warn!(batch_id = %batch_id, error = %e, "cannot read the batch");
-                self.fail(lane, works, failure).await;
-                return;
+        let meta = loop {
+            match self.meta.get(batch_id).await {
+                Ok(Some(meta)) => break meta,
+                Ok(None) => {
+                    tracing::warn!(batch_id = %batch_id, "message for a batch that does not exist");
+                    self.dead_letter(lane, works, "unknown_batch", "unknown_batch")
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let failure = Failure::from_db(&e);
+                    if failure.is_outage() {
+                        if self.ride_out(Dependency::Database).await {
+                            continue;
+                        }
+                        self.fail(lane, works, Failure::Interrupted).await;
+                        return;
+                    }
+                    tracing::warn!(batch_id = %batch_id, error = %e, "cannot read the batch");
+                    self.fail(lane, works, failure).await;
+                    return;
+                }
             }
         };
         let expected_op = match meta.kind {
@@ -131,8 +144,16 @@ impl Processor {
                 match crate::convert::merge_targets(&self.db, &meta, &ids).await {
                     Ok(m) => m,
                     Err(e) => {
-                        self.fail(lane, std::mem::take(&mut todo), Failure::from_db(&e))
-                            .await;
+                        let failure = Failure::from_db(&e);
+                        if failure.is_outage() {
+                            if self.ride_out(Dependency::Database).await {
+                                continue;
+                            }
+                            self.fail(lane, std::mem::take(&mut todo), Failure::Interrupted)
+                                .await;
+                            break;
+                        }
+                        self.fail(lane, std::mem::take(&mut todo), failure).await;
                         break;
                     }
                 }
@@ -162,12 +183,11 @@ impl Processor {
                 Ok(held) => held,
                 Err(e) => {
                     tracing::warn!(batch_id = %batch_id, error = %e, "redis unavailable");
-                    self.fail(
-                        lane,
-                        std::mem::take(&mut todo),
-                        Failure::Transient("redis".into()),
-                    )
-                    .await;
+                    if self.ride_out(Dependency::Redis).await {
+                        continue;
+                    }
+                    self.fail(lane, std::mem::take(&mut todo), Failure::Interrupted)
+                        .await;
                     break;
                 }
             };
@@ -303,6 +323,14 @@ impl Processor {
                 Ok(delta) => return Ok(delta),
                 Err(e) => {
                     let failure = Failure::from_db(&e);
+                    if failure.is_outage() {
+                        // The commit may or may not have happened; running the chunk again
+                        // is safe either way (items leave `pending` once).
+                        if self.ride_out(Dependency::Database).await {
+                            continue;
+                        }
+                        return Err(Failure::Interrupted);
+                    }
                     if let Failure::Transient(class) = &failure
                         && let Some(pause) = backoff.next()
                     {
@@ -321,7 +349,25 @@ impl Processor {
         }
     }
 
+    /// One chunk's transaction, bounded in time: a database that stops answering (a stalled
+    /// network) must not hold the chunk for ever.
     async fn commit(&self, meta: &BatchMeta, seqs: &[i64]) -> Result<OutcomeDelta, sea_orm::DbErr> {
+        match tokio::time::timeout(self.chunk_timeout, self.commit_unbounded(meta, seqs)).await {
+            Ok(result) => result,
+            Err(_) => Err(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::Internal(
+                format!(
+                    "chunk transaction did not finish within {:?}",
+                    self.chunk_timeout
+                ),
+            ))),
+        }
+    }
+
+    async fn commit_unbounded(
+        &self,
+        meta: &BatchMeta,
+        seqs: &[i64],
+    ) -> Result<OutcomeDelta, sea_orm::DbErr> {
         let tx = self.db.begin().await?;
         let delta = match meta.kind {
             BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, seqs).await?,
@@ -339,6 +385,11 @@ impl Processor {
     /// attempts spent, to the dead-letter queue); permanent ones to the dead-letter queue.
     async fn fail(&self, lane: Lane, works: Vec<Work>, failure: Failure) {
         match failure {
+            Failure::Interrupted => {
+                for w in &works {
+                    self.settle(&w.delivery, Settle::Requeue).await;
+                }
+            }
             Failure::Permanent(class) => self.dead_letter(lane, works, reason::ERROR, &class).await,
             Failure::Transient(class) => {
                 let mut delayed: Vec<(Work, usize)> = Vec::new();
@@ -475,6 +526,55 @@ impl Processor {
                 // The channel is gone: the broker redelivers the message, and processing it
                 // again changes nothing.
                 self.metrics.ack_failures.inc();
+            }
+        }
+    }
+}
+
+/// A dependency the worker can wait for.
+#[derive(Debug, Clone, Copy)]
+enum Dependency {
+    Database,
+    Redis,
+}
+
+impl Processor {
+    /// Waits, with backoff, until `dep` answers again. Returns false when the worker is
+    /// shutting down first. Deliveries in hand stay unacknowledged meanwhile (bounded by
+    /// the prefetch), so nothing is lost and no attempt is spent on an outage.
+    async fn ride_out(&self, dep: Dependency) -> bool {
+        let mut backoff = bulkops_shared::amqp::reconnect_backoff();
+        let mut logged = false;
+        loop {
+            let up = match dep {
+                Dependency::Database => {
+                    use sea_orm::ConnectionTrait;
+                    matches!(
+                        tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            self.db
+                                .execute_raw(bulkops_shared::db::stmt("SELECT 1", [])),
+                        )
+                        .await,
+                        Ok(Ok(_))
+                    )
+                }
+                Dependency::Redis => self.locks.ping().await.is_ok(),
+            };
+            if up {
+                if logged {
+                    tracing::info!(dependency = ?dep, "dependency is back; resuming");
+                }
+                return true;
+            }
+            if !logged {
+                tracing::warn!(dependency = ?dep, "dependency down; holding work until it is back");
+                logged = true;
+            }
+            let pause = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -32,6 +32,9 @@ pub enum Failure {
     Transient(String),
     /// Not worth retrying; the string names the class.
     Permanent(String),
+    /// The worker is shutting down while a dependency is down: the message goes back to
+    /// the queue untouched, its attempts not counted.
+    Interrupted,
 }
 
 impl Failure {
@@ -52,6 +55,26 @@ impl Failure {
     pub fn class(&self) -> &str {
         match self {
             Self::Transient(c) | Self::Permanent(c) => c,
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    /// Whether the failure means a dependency is unreachable (rather than this message or
+    /// this moment being unlucky). Such failures are not retried against the message's
+    /// attempt budget: the worker waits for the dependency and tries again, so an outage
+    /// of any length fails no item.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Transient(c) => {
+                c == "redis"
+                    || c == "db_connection"
+                    || c.starts_with("db_08")
+                    || matches!(
+                        c.as_str(),
+                        "db_57P01" | "db_57P02" | "db_57P03" | "db_53300"
+                    )
+            }
+            _ => false,
         }
     }
 }
@@ -153,6 +176,17 @@ pub fn next_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outages_are_told_apart_from_unlucky_moments() {
+        for c in ["redis", "db_connection", "db_08006", "db_57P01", "db_57P03"] {
+            assert!(Failure::Transient(c.into()).is_outage(), "{c}");
+        }
+        for c in ["db_40P01", "db_40001", "lock_contention", "db_57014"] {
+            assert!(!Failure::Transient(c.into()).is_outage(), "{c}");
+        }
+        assert!(!Failure::Permanent("db_connection".into()).is_outage());
+    }
 
     #[test]
     fn retries_walk_the_tiers_then_give_up() {

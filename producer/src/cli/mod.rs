@@ -4,6 +4,7 @@
 //! `BULKOPS_CONFIG`, `BULKOPS__…`) and talks to the database and the broker directly, as an
 //! operator's tool inside the cluster would.
 
+pub mod dlq;
 pub mod seed;
 pub mod watch;
 
@@ -86,6 +87,28 @@ enum Command {
     Batch {
         #[command(subcommand)]
         command: BatchCommand,
+    },
+    /// The dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead-lettered messages with their reason and attempt history.
+    List {
+        /// Only this batch's.
+        #[arg(long)]
+        batch: Option<i64>,
+    },
+    /// Re-publish dead-lettered messages (after fixing the cause); their items get a real
+    /// outcome, reopening their batches.
+    Replay {
+        /// Only this batch's.
+        #[arg(long)]
+        batch: Option<i64>,
     },
 }
 
@@ -264,6 +287,13 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Dlq { command } => match command {
+            DlqCommand::List { batch } => dlq::list(&settings, batch).await?,
+            DlqCommand::Replay { batch } => {
+                let db = connect(&settings).await?;
+                dlq::replay(&settings, &db, batch).await?;
+            }
+        },
     }
     Ok(())
 }

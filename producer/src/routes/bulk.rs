@@ -36,6 +36,7 @@ pub struct BulkCreateRequest {
     pub record_type_id: i64,
     /// When given, the request is refused (409) unless the search finds exactly this many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
     pub expected_total: Option<i64>,
 }
 
@@ -69,6 +70,7 @@ pub struct PreviewResponse {
 #[serde(deny_unknown_fields)]
 pub struct ConversionRequest {
     /// 1 to 100,000 Sales Record ids; repeats count once.
+    #[schema(min_items = 1, max_items = 100_000)]
     pub sales_record_ids: Vec<i64>,
 }
 

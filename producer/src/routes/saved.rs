@@ -23,6 +23,7 @@ const MAX_NAME: usize = 200;
 #[serde(deny_unknown_fields)]
 pub struct NewSavedSearch {
     /// Its name (1 to 200 characters).
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// The filter.
     pub filter: SearchFilter,
@@ -79,10 +80,10 @@ pub async fn create(
 ) -> Result<(StatusCode, axum::Json<SavedSearch>), ApiError> {
     require(bulkops_shared::permissions::may_search(&caller.access))?;
     let name = req.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > MAX_NAME {
+    if name.is_empty() || name.chars().count() > MAX_NAME || name.contains('\0') {
         return Err(ApiError::field(
             "name",
-            format!("must be 1 to {MAX_NAME} characters"),
+            format!("must be 1 to {MAX_NAME} characters, without NUL"),
         ));
     }
     let filter = checked(req.filter)?;

@@ -33,6 +33,7 @@ pub struct SearchRequest {
     pub after: Option<i64>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 

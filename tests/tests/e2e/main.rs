@@ -8,6 +8,9 @@
 mod api_edges;
 mod convert;
 mod create;
+mod openapi;
+mod ops;
+mod privacy;
 
 use bulkops_tests::TestEnv;
 
