@@ -56,6 +56,15 @@ test: lint test-unit test-e2e test-faults-ci test-chart ## The whole suite (what
 clean: ## Remove build output
 	$(CARGO) clean
 
+N ?= 100000
+BIG ?= 1000000
+RUNS ?= 3
+
+.PHONY: bench
+bench: ## Benchmark against the set-based limit (N=100000 Individuals, BIG=1000000, RUNS=3); writes docs/PERFORMANCE.md
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --individuals $(N) --big $(BIG) --runs $(RUNS)
+
 .PHONY: demo
 demo: release ## Seed a demo agency, run a producer and two workers, bulk create, convert, show progress
 	bash scripts/demo.sh

@@ -164,6 +164,7 @@ pub async fn accept(
             "the search now finds {total} Individuals, not the expected {expected}; preview again and resubmit"
         )));
     }
+    refresh_statistics(&tx, total).await?;
     let presettled = delta.total();
     let to_publish = total - presettled;
     let lane = Lane::for_total(
@@ -224,6 +225,33 @@ pub async fn accept(
         batch: answer,
         needs_split: to_publish > 0,
     })
+}
+
+/// A batch that grows `bulk_items` by a large share makes the planner's statistics stale,
+/// and with them the workers' per-chunk plans (a sequential scan per item instead of an
+/// index probe). Analysing in the accepting transaction keeps the plans right from the
+/// first chunk; small batches skip it (autovacuum keeps up with them).
+async fn refresh_statistics(tx: &DatabaseTransaction, added: i64) -> Result<(), ApiError> {
+    if added < 1000 {
+        return Ok(());
+    }
+    let row = tx
+        .query_one_raw(stmt(
+            "SELECT GREATEST(reltuples, 0)::float8 AS n FROM pg_class WHERE oid = 'bulk_items'::regclass",
+            [],
+        ))
+        .await
+        .map_err(ApiError::db)?;
+    let known: f64 = match row {
+        Some(r) => r.try_get("", "n").map_err(ApiError::db)?,
+        None => 0.0,
+    };
+    if added as f64 > 0.2 * known {
+        tx.execute_raw(stmt("ANALYZE bulk_items", []))
+            .await
+            .map_err(ApiError::db)?;
+    }
+    Ok(())
 }
 
 /// Claims the key for this request, or returns the answer stored for it. A concurrent

@@ -170,7 +170,7 @@ pub struct SplitSettings {
 pub struct OutboxSettings {
     /// Whether this process relays outbox rows to the events exchange.
     pub enabled: bool,
-    /// Rows published per round.
+    /// Outbox rows (each the events of one transaction) published per round.
     pub batch_size: u64,
     /// Pause between rounds when the outbox is empty, in milliseconds.
     pub poll_interval_ms: u64,
@@ -242,7 +242,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("split.poll_interval_ms", "500"),
     ("split.stall_after_secs", "120"),
     ("outbox.enabled", "true"),
-    ("outbox.batch_size", "1000"),
+    ("outbox.batch_size", "50"),
     ("outbox.poll_interval_ms", "50"),
     ("log.level", "info"),
     ("log.format", "text"),

@@ -76,13 +76,19 @@ impl WorkMessage {
         struct Versioned {
             v: u8,
         }
-        let versioned: Versioned =
-            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if versioned.v != VERSION {
-            return Err(DecodeError::UnsupportedVersion(versioned.v));
+        // One parse on the happy path; the version is read apart only to explain a failure.
+        let msg: WorkMessage = match serde_json::from_slice(body) {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(match serde_json::from_slice::<Versioned>(body) {
+                    Ok(Versioned { v }) if v != VERSION => DecodeError::UnsupportedVersion(v),
+                    _ => DecodeError::Malformed(e.to_string()),
+                });
+            }
+        };
+        if msg.v != VERSION {
+            return Err(DecodeError::UnsupportedVersion(msg.v));
         }
-        let msg: WorkMessage =
-            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if msg.seq < 1 || msg.target_id < 1 || msg.batch_id.0 < 1 {
             return Err(DecodeError::Malformed("ids must be positive".into()));
         }

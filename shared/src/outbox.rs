@@ -1,7 +1,9 @@
 //! The transactional outbox and its relay.
 //!
 //! Workflow events are written to the `outbox` table in the same transaction as the change
-//! they announce, so an event exists if and only if its change committed. The relay claims
+//! they announce, so an event exists if and only if its change committed. A row holds the
+//! events of one transaction (a chunk's worth), each with its own `event_id`, so the outbox
+//! costs a row per transaction, not per record. The relay claims
 //! rows with `FOR UPDATE SKIP LOCKED` (any number of relays may run, in producers and
 //! workers alike), publishes them to the events exchange with publisher confirms, and
 //! deletes them in the same transaction once the broker confirmed. A crash between the
@@ -13,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use lapin::types::ShortString;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
@@ -43,27 +45,28 @@ pub struct OutboxRelay {
     metrics: Arc<OutboxMetrics>,
 }
 
-/// The body of an event as published: `event_id` and `occurred_at` first, then the row's
-/// payload fields.
-pub fn event_body(
-    event_id: uuid::Uuid,
-    occurred_at: DateTime<Utc>,
-    payload: &serde_json::Value,
-) -> serde_json::Value {
-    let mut body = serde_json::Map::new();
-    body.insert("event_id".into(), event_id.to_string().into());
-    body.insert(
-        "occurred_at".into(),
-        occurred_at
-            .to_rfc3339_opts(SecondsFormat::Micros, true)
-            .into(),
-    );
-    if let Some(fields) = payload.as_object() {
-        for (k, v) in fields {
-            body.insert(k.clone(), v.clone());
-        }
+/// The `occurred_at` member of every event object, as SQL for `jsonb_build_object`: events
+/// are rendered whole when written, so the relay forwards them byte for byte.
+pub const OCCURRED_AT_SQL: &str = "'occurred_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// Splits an outbox row's `events` (a JSON array) into each event's exact bytes and its
+/// `event_id`, without rebuilding the objects.
+///
+/// # Errors
+/// When the text is not an array of objects each with a string `event_id`.
+pub fn split_events(events: &str) -> Result<Vec<(&str, String)>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        event_id: &'a str,
     }
-    serde_json::Value::Object(body)
+    let raw: Vec<&serde_json::value::RawValue> = serde_json::from_str(events)?;
+    raw.into_iter()
+        .map(|r| {
+            let id: Id<'_> = serde_json::from_str(r.get())?;
+            Ok((r.get(), id.event_id.to_owned()))
+        })
+        .collect()
 }
 
 impl OutboxRelay {
@@ -126,7 +129,7 @@ impl OutboxRelay {
         let tx = self.db.begin().await?;
         let rows = tx
             .query_all_raw(stmt(
-                "SELECT id, event_id, routing_key, payload, created_at FROM outbox
+                "SELECT id, routing_key, events::text AS events, created_at FROM outbox
                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 [i64::try_from(self.batch_size).unwrap_or(i64::MAX).into()],
             ))
@@ -137,47 +140,50 @@ impl OutboxRelay {
             return Ok(0);
         }
         let mut ids = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
+        let mut rendered: Vec<(String, String, DateTime<Utc>)> = Vec::with_capacity(rows.len());
         let mut oldest: Option<DateTime<Utc>> = None;
         for row in &rows {
-            let id: i64 = row.try_get("", "id")?;
-            let event_id: uuid::Uuid = row.try_get("", "event_id")?;
+            ids.push(row.try_get::<i64>("", "id")?);
             let routing_key: String = row.try_get("", "routing_key")?;
-            let payload: serde_json::Value = row.try_get("", "payload")?;
+            let events: String = row.try_get("", "events")?;
             let created_at: DateTime<Utc> = row.try_get("", "created_at")?;
             oldest = Some(oldest.map_or(created_at, |o| o.min(created_at)));
-            let body = serde_json::to_vec(&event_body(event_id, created_at, &payload))
-                .map_err(|e| DbErr::Json(e.to_string()))?;
-            ids.push(id);
-            messages.push((routing_key, body, event_id, created_at));
+            rendered.push((routing_key, events, created_at));
+        }
+        // (routing key, body, event id, occurred at)
+        let mut messages: Vec<(&str, &str, String, DateTime<Utc>)> = Vec::new();
+        for (routing_key, events, at) in &rendered {
+            for (body, event_id) in split_events(events).map_err(|e| DbErr::Json(e.to_string()))? {
+                messages.push((routing_key, body, event_id, *at));
+            }
         }
         let outgoing: Vec<Outgoing<'_>> = messages
             .iter()
             .map(|(key, body, event_id, at)| Outgoing {
                 exchange: &self.exchange,
                 routing_key: key,
-                body,
+                body: body.as_bytes(),
                 properties: json_properties()
-                    .with_message_id(ShortString::from(event_id.to_string()))
+                    .with_message_id(ShortString::from(event_id.as_str()))
                     .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0)),
                 // Events are routed by the CRM's bindings; with none bound the broker drops
                 // them, which is the CRM's configuration, not a failure to retry for ever.
                 mandatory: false,
             })
             .collect();
-        self.publisher.publish_all(outgoing).await?;
+        let published = self.publisher.publish_all(outgoing).await?;
         tx.execute_raw(stmt(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])",
-            [ids.clone().into()],
+            [ids.into()],
         ))
         .await?;
         tx.commit().await?;
-        self.metrics.published.inc_by(ids.len() as u64);
+        self.metrics.published.inc_by(published as u64);
         if let Some(oldest) = oldest {
             let lag = (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0;
             self.metrics.lag_seconds.set(lag);
         }
-        Ok(ids.len())
+        Ok(rows.len())
     }
 }
 
@@ -188,7 +194,7 @@ impl OutboxRelay {
 pub async fn backlog(db: &impl ConnectionTrait) -> Result<(i64, f64), DbErr> {
     let row = db
         .query_one_raw(stmt(
-            "SELECT count(*) AS n,
+            "SELECT COALESCE(sum(jsonb_array_length(events)), 0)::bigint AS n,
                     COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS age
                FROM outbox",
             [],
@@ -197,5 +203,24 @@ pub async fn backlog(db: &impl ConnectionTrait) -> Result<(i64, f64), DbErr> {
     match row {
         Some(r) => Ok((r.try_get("", "n")?, r.try_get("", "age")?)),
         None => Ok((0, 0.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_forwarded_byte_for_byte() {
+        let row = r#"[{"event_id": "a1", "batch_id": 7}, {"event_id": "b2", "batch_id": 7, "merged": true}]"#;
+        let events = split_events(row).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[0],
+            (r#"{"event_id": "a1", "batch_id": 7}"#, "a1".to_owned())
+        );
+        assert_eq!(events[1].1, "b2");
+        assert!(split_events(r#"[{"batch_id": 7}]"#).is_err());
+        assert!(split_events(r#"{"event_id": "a"}"#).is_err());
     }
 }

@@ -77,15 +77,17 @@ pub async fn record_outcomes(
          ), done AS (
            SELECT b.*, (b.n_created + b.n_converted + b.n_skipped + b.n_failed) AS n_done FROM b
          ), ev AS (
-           INSERT INTO outbox (routing_key, payload)
+           INSERT INTO outbox (routing_key, events)
            SELECT 'bulk_batch.completed',
-                  jsonb_build_object('agency_id', b.agency_id, 'batch_id', b.id, 'kind', b.kind,
-                                     'total', b.total, 'counts', {COUNTS_JSON_SQL})
+                  jsonb_build_array(jsonb_build_object(
+                      'event_id', gen_random_uuid(), {occurred}, 'agency_id', b.agency_id, 'batch_id', b.id,
+                      'kind', b.kind, 'total', b.total, 'counts', {COUNTS_JSON_SQL}))
              FROM done b
             WHERE b.n_done >= b.total AND b.n_done - $6 < b.total
         RETURNING 1
          )
-         SELECT (SELECT count(*) FROM ev) AS completed"
+         SELECT (SELECT count(*) FROM ev) AS completed",
+        occurred = crate::outbox::OCCURRED_AT_SQL
     );
     let row = tx
         .query_one_raw(stmt(

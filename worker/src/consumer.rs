@@ -16,12 +16,13 @@ use bulkops_shared::batch::Lane;
 use bulkops_shared::topology::Topology;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::AckTracker;
 use crate::process::Processor;
 
 /// How one lane is consumed.
@@ -125,6 +126,7 @@ async fn consume(
         prefetch = cfg.prefetch,
         "consuming"
     );
+    let tracker = Arc::new(AckTracker::new(channel.clone(), processor.metrics.clone()));
     let inflight = processor
         .metrics
         .inflight
@@ -140,7 +142,7 @@ async fn consume(
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 next = consumer.next() => match next {
-                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); buffer.push(d) }
+                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); tracker.received(d.delivery_tag).await; buffer.push(d) }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
                 },
@@ -152,6 +154,7 @@ async fn consume(
                 Some(Some(Ok(d))) => {
                     deliveries_total.inc();
                     inflight.inc();
+                    tracker.received(d.delivery_tag).await;
                     buffer.push(d);
                 }
                 Some(Some(Err(e))) => return Err(e.into()),
@@ -165,7 +168,7 @@ async fn consume(
                 () = shutdown.cancelled() => break None,
                 permit = slots.clone().acquire_owned() => break permit.ok(),
                 next = consumer.next(), if buffer.len() < cfg.chunk_size => match next {
-                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); buffer.push(d) }
+                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); tracker.received(d.delivery_tag).await; buffer.push(d) }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
                 },
@@ -176,9 +179,10 @@ async fn consume(
         let processor = processor.clone();
         let lane = cfg.lane;
         let inflight = inflight.clone();
+        let chunk_tracker = tracker.clone();
         tasks.spawn(async move {
             let n = chunk.len() as i64;
-            processor.process(lane, chunk).await;
+            processor.process(lane, chunk, chunk_tracker).await;
             inflight.sub(n);
             drop(permit);
         });
@@ -191,13 +195,7 @@ async fn consume(
     .await;
     for d in buffer.drain(..) {
         inflight.dec();
-        let _ = d
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
+        tracker.requeue(d.delivery_tag).await;
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ use bulkops_shared::progress::OutcomeDelta;
 use sea_orm::{ConnectionTrait, DbErr};
 
 use crate::meta::BatchMeta;
+use crate::outcomes::Outcome;
 
 /// The child tables re-owned unchanged (notes are handled apart).
 pub const CHILD_TABLES: [&str; 9] = [
@@ -227,7 +228,9 @@ static CHILDREN_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-const FINISH_SQL: &str = "WITH m AS (
+static FINISH_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH m AS (
        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::boolean[], $4::bigint[]) AS m(sr_id, ind_id, merged, seq)
      ), sp AS (
        SELECT sp.*, m.ind_id, nextval(pg_get_serial_sequence('policies', 'id')) AS new_id
@@ -263,7 +266,7 @@ const FINISH_SQL: &str = "WITH m AS (
        RETURNING 1
      ), pol AS (
        SELECT m.sr_id, COALESCE(array_agg(sp.new_id ORDER BY sp.id) FILTER (WHERE sp.new_id IS NOT NULL),
-                                '{}'::bigint[]) AS ids
+                                '{{}}'::bigint[]) AS ids
          FROM m LEFT JOIN sp ON sp.sales_record_id = m.sr_id
         GROUP BY m.sr_id
      ), srdel AS (
@@ -273,11 +276,14 @@ const FINISH_SQL: &str = "WITH m AS (
        SELECT m.sr_id, $5, m.ind_id, m.merged, pol.ids, $6, $7 FROM m JOIN pol USING (sr_id)
        RETURNING 1
      ), ev AS (
-       INSERT INTO outbox (routing_key, payload)
+       INSERT INTO outbox (routing_key, events)
        SELECT 'sales_record.converted',
-              jsonb_build_object('agency_id', $5::bigint, 'sales_record_id', m.sr_id, 'individual_id', m.ind_id,
-                                 'merged', m.merged, 'policy_ids', to_jsonb(pol.ids), 'batch_id', $6::bigint)
+              jsonb_agg(jsonb_build_object('event_id', gen_random_uuid(), {occurred}, 'agency_id', $5::bigint,
+                                           'sales_record_id', m.sr_id, 'individual_id', m.ind_id,
+                                           'merged', m.merged, 'policy_ids', to_jsonb(pol.ids),
+                                           'batch_id', $6::bigint))
          FROM m JOIN pol USING (sr_id)
+       HAVING count(*) > 0
        RETURNING 1
      ), upd AS (
        UPDATE bulk_items it
@@ -289,14 +295,10 @@ const FINISH_SQL: &str = "WITH m AS (
      SELECT (SELECT count(*) FROM upd) AS converted, (SELECT count(*) FROM srdel) AS deleted,
             (SELECT count(*) FROM logged) AS logged, (SELECT count(*) FROM ev) AS events,
             (SELECT count(*) FROM pins) AS policies, (SELECT count(*) FROM pcf) AS policy_fields,
-            (SELECT count(*) FROM spcf) AS sales_policy_fields, (SELECT count(*) FROM spdel) AS sales_policies";
-
-/// Records outcomes other than `converted` (skipped, failed) for pending items.
-const OTHER_OUTCOMES_SQL: &str = "UPDATE bulk_items it
-    SET status = d.status, result_id = NULLIF(d.result_id, 0), reason = d.reason,
-        attempts = it.attempts + 1, updated_at = clock_timestamp()
-   FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[]) AS d(seq, status, result_id, reason)
-  WHERE it.batch_id = $1 AND it.seq = d.seq AND it.status = 'pending'";
+            (SELECT count(*) FROM spcf) AS sales_policy_fields, (SELECT count(*) FROM spdel) AS sales_policies",
+        occurred = bulkops_shared::outbox::OCCURRED_AT_SQL
+    )
+});
 
 /// The Individual each Sales Record of a chunk would merge into, read without locking, so
 /// the caller can take the Individuals' Redis locks before the transaction (the
@@ -334,9 +336,11 @@ pub async fn apply(
     // 1. Lock what is still pending, then the records and their merge targets.
     let pending = tx
         .query_all_raw(stmt(
-            "SELECT seq, target_id FROM bulk_items
-              WHERE batch_id = $1 AND seq = ANY($2::bigint[]) AND status = 'pending'
-              ORDER BY seq FOR UPDATE",
+            "SELECT it.seq, it.target_id
+               FROM unnest($2::bigint[]) AS s(seq)
+               JOIN bulk_items it ON it.batch_id = $1 AND it.seq = s.seq
+              WHERE it.status = 'pending'
+              ORDER BY it.seq FOR UPDATE OF it",
             [meta.id.into(), seqs.to_vec().into()],
         ))
         .await?;
@@ -405,7 +409,7 @@ pub async fn apply(
     // 2. Decide each item.
     let mut merges: Vec<(i64, i64, i64)> = Vec::new(); // (seq, sr, individual)
     let mut news: Vec<(i64, i64)> = Vec::new(); // (seq, sr)
-    let mut others: Vec<(i64, &'static str, Option<i64>, &'static str)> = Vec::new();
+    let mut others: Vec<Outcome> = Vec::new();
     for (seq, target) in &items {
         let facts = RecordFacts {
             record: found
@@ -418,10 +422,20 @@ pub async fn apply(
                 merge_into: Some(ind),
             } => merges.push((*seq, *target, ind)),
             Decision::Convert { merge_into: None } => news.push((*seq, *target)),
-            Decision::AlreadyConverted(ind) => {
-                others.push((*seq, "skipped", Some(ind), reason::ALREADY_CONVERTED));
-            }
-            Decision::Fail(why) => others.push((*seq, "failed", None, why)),
+            Decision::AlreadyConverted(ind) => others.push(Outcome {
+                seq: *seq,
+                target: *target,
+                status: "skipped",
+                result_id: Some(ind),
+                reason: Some(reason::ALREADY_CONVERTED),
+            }),
+            Decision::Fail(why) => others.push(Outcome {
+                seq: *seq,
+                target: *target,
+                status: "failed",
+                result_id: None,
+                reason: Some(why),
+            }),
         }
     }
 
@@ -496,7 +510,7 @@ pub async fn apply(
         .await?;
         let row = tx
             .query_one_raw(stmt(
-                FINISH_SQL,
+                FINISH_SQL.as_str(),
                 [
                     map_sr.into(),
                     map_ind.into(),
@@ -511,31 +525,12 @@ pub async fn apply(
             .ok_or_else(|| DbErr::Custom("conversion statement returned no row".into()))?;
         delta.converted = row.try_get("", "converted")?;
     }
-    if !others.is_empty() {
-        let seqs: Vec<i64> = others.iter().map(|o| o.0).collect();
-        let statuses: Vec<String> = others.iter().map(|o| o.1.to_owned()).collect();
-        // 0 stands for "no result" (ids are positive); the statement turns it into NULL.
-        let results: Vec<i64> = others.iter().map(|o| o.2.unwrap_or(0)).collect();
-        let reasons: Vec<String> = others.iter().map(|o| o.3.to_owned()).collect();
-        let updated = tx
-            .execute_raw(stmt(
-                OTHER_OUTCOMES_SQL,
-                [
-                    meta.id.into(),
-                    seqs.into(),
-                    statuses.into(),
-                    results.into(),
-                    reasons.into(),
-                ],
-            ))
-            .await?;
-        if updated.rows_affected() != others.len() as u64 {
-            return Err(DbErr::Custom("an item changed under its row lock".into()));
-        }
-        for o in &others {
-            delta.add(o.1, 1);
-        }
+    let written = crate::outcomes::write(tx, meta.id, &others).await?;
+    if written.total() != others.len() as i64 {
+        return Err(DbErr::Custom("an item changed under its row lock".into()));
     }
+    delta.skipped += written.skipped;
+    delta.failed += written.failed;
     Ok(delta)
 }
 

@@ -1,15 +1,19 @@
-//! Bulk create: one Sales Record per Individual, for a chunk of items in one statement.
+//! Bulk create: one Sales Record per Individual, for a chunk of items at a time.
 //!
-//! For the chunk's still-pending items (locked `FOR UPDATE`, so a duplicate delivery
-//! waits and then finds nothing to do), one `INSERT … SELECT` copies rule 4's fields from
+//! For the chunk's still-pending items, one `INSERT … SELECT` copies rule 4's fields from
 //! each Individual of the batch's agency, sets the assigned user from the servicing agent's
 //! linked user (rule 5), and inserts with `ON CONFLICT ON CONSTRAINT
 //! sales_records_individual_id_key DO NOTHING`: the unique index is the final guard of the
 //! skip-existing rule, whatever a Redis lock did. The same statement copies the custom
-//! fields rule 6 allows, records each item's outcome, and writes a `sales_record.created`
-//! event to the outbox for each record created. The caller commits it together with the
-//! batch counters; nothing is acknowledged before that commit.
+//! fields rule 6 allows and writes a `sales_record.created` event to the outbox for each
+//! record it created; a second statement records each item's outcome, only where the item
+//! is still `pending`. Items are not locked up front: if a duplicate delivery runs the
+//! same items concurrently, the unique index makes one of the two inserts a no-op (so no
+//! second record, custom fields or event), and the `pending` guard makes its outcome
+//! update change nothing. The caller commits all of it with the batch counters; nothing is
+//! acknowledged before that commit.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use bulkops_shared::batch::reason;
@@ -19,16 +23,28 @@ use bulkops_shared::progress::OutcomeDelta;
 use sea_orm::{ConnectionTrait, DbErr};
 
 use crate::meta::BatchMeta;
+use crate::outcomes::Outcome;
 
-/// The statement, generated once from the mapping data.
+/// The statement, generated once from the mapping data. For the chunk's pending items it
+/// inserts their Sales Records, copies custom fields and writes the events, and returns ids
+/// only: the records it created (Individual → Sales Record) and the targets that are not
+/// Individuals of the agency. Deciding the outcomes is left to [`decide`], so that no join
+/// over the statement's own results depends on the planner's guesses about them.
 static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
     let (targets, exprs) = insert_lists(CREATE_FIELDS, "src");
     format!(
         "WITH todo AS (
-           SELECT it.seq, it.target_id FROM bulk_items it
-            WHERE it.batch_id = $1 AND it.seq = ANY($2::bigint[]) AND it.status = 'pending'
-            ORDER BY it.target_id
-              FOR UPDATE
+           SELECT it.seq, it.target_id
+             FROM unnest($2::bigint[]) AS s(seq)
+             JOIN bulk_items it ON it.batch_id = $1 AND it.seq = s.seq
+            WHERE it.status = 'pending'
+         ), defs AS (
+           SELECT sd.id AS src_def, td.id AS dst_def
+             FROM custom_field_definitions sd
+             JOIN custom_field_definitions td
+               ON td.agency_id = sd.agency_id AND td.entity = 'sales_record'
+              AND td.name = sd.name AND td.field_type = sd.field_type
+            WHERE sd.agency_id = $3 AND sd.entity = 'individual' AND sd.field_type = ANY($5::text[])
          ), src AS (
            SELECT i.* FROM todo JOIN individuals i ON i.id = todo.target_id AND i.agency_id = $3
          ), ins AS (
@@ -41,100 +57,162 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
            ON CONFLICT ON CONSTRAINT sales_records_individual_id_key DO NOTHING
            RETURNING id, individual_id
          ), cf AS (
+           -- The records are new: no value can exist for them yet.
            INSERT INTO custom_field_values (definition_id, record_id, value)
-           SELECT td.id, ins.id, v.value
+           SELECT defs.dst_def, ins.id, v.value
              FROM ins
-             JOIN custom_field_values v ON v.record_id = ins.individual_id
-             JOIN custom_field_definitions sd
-               ON sd.id = v.definition_id AND sd.entity = 'individual' AND sd.agency_id = $3
-             JOIN custom_field_definitions td
-               ON td.agency_id = $3 AND td.entity = 'sales_record'
-              AND td.name = sd.name AND td.field_type = sd.field_type
-            WHERE sd.field_type = ANY($5::text[])
-           ON CONFLICT DO NOTHING
+            CROSS JOIN defs
+             JOIN custom_field_values v ON v.definition_id = defs.src_def AND v.record_id = ins.individual_id
            RETURNING 1
          ), ev AS (
-           INSERT INTO outbox (routing_key, payload)
+           INSERT INTO outbox (routing_key, events)
            SELECT 'sales_record.created',
-                  jsonb_build_object('agency_id', $3::bigint, 'sales_record_id', ins.id,
-                                     'individual_id', ins.individual_id,
-                                     'record_type_id', $4::bigint, 'batch_id', $1::bigint)
+                  jsonb_agg(jsonb_build_object('event_id', gen_random_uuid(), {occurred}, 'agency_id', $3::bigint,
+                                               'sales_record_id', ins.id, 'individual_id', ins.individual_id,
+                                               'record_type_id', $4::bigint, 'batch_id', $1::bigint))
              FROM ins
+           HAVING count(*) > 0
            RETURNING 1
-         ), upd AS (
-           UPDATE bulk_items it
-              SET status = CASE WHEN ins.id IS NOT NULL THEN 'created'
-                                WHEN src.id IS NULL THEN 'failed' ELSE 'skipped' END,
-                  result_id = ins.id,
-                  reason = CASE WHEN ins.id IS NOT NULL THEN NULL
-                                WHEN src.id IS NULL THEN '{not_found}' ELSE '{already}' END,
-                  attempts = it.attempts + 1,
-                  updated_at = clock_timestamp()
-             FROM todo
-             LEFT JOIN ins ON ins.individual_id = todo.target_id
-             LEFT JOIN src ON src.id = todo.target_id
-            WHERE it.batch_id = $1 AND it.seq = todo.seq
-           RETURNING it.status
          )
-         SELECT status, count(*) AS n, (SELECT count(*) FROM cf) AS custom_values,
-                (SELECT count(*) FROM ev) AS events
-           FROM upd GROUP BY status",
-        not_found = reason::NOT_FOUND,
-        already = reason::ALREADY_HAS_SALES_RECORD,
+         SELECT true AS created, individual_id AS a, id AS b FROM ins
+         UNION ALL
+         SELECT false, todo.target_id, 0 FROM todo
+          WHERE NOT EXISTS (SELECT 1 FROM individuals i WHERE i.id = todo.target_id AND i.agency_id = $3)",
+        occurred = bulkops_shared::outbox::OCCURRED_AT_SQL
     )
 });
 
-/// Names, for items skipped because a concurrent transaction created the Sales Record
-/// after this statement's snapshot, the record that exists now.
-const SKIPPED_RESULTS_SQL: &str = "UPDATE bulk_items it SET result_id = sr.id
-    FROM sales_records sr
-   WHERE it.batch_id = $1 AND it.seq = ANY($2::bigint[]) AND it.status = 'skipped'
-     AND it.result_id IS NULL AND sr.individual_id = it.target_id";
+/// The Sales Records that exist now for Individuals whose insert found one (only asked
+/// when there are such skips, which acceptance makes rare).
+const EXISTING_SQL: &str =
+    "SELECT individual_id, id FROM sales_records WHERE individual_id = ANY($1::bigint[])";
 
-/// Creates the Sales Records of `seqs` (items of `meta`'s batch) in the caller's
-/// transaction and records their outcomes. Returns the outcomes newly recorded.
+/// Create rules 3 and 9 (tenancy) per item: the Individual got a new Sales Record
+/// (`created`), is not in the batch's agency (`failed`/`not_found`), or already has one
+/// (`skipped`/`already_has_sales_record`, naming it when known).
+pub fn decide(
+    seq: i64,
+    target: i64,
+    missing: &HashSet<i64>,
+    created: &HashMap<i64, i64>,
+    existing: &HashMap<i64, i64>,
+) -> Outcome {
+    if let Some(sr) = created.get(&target) {
+        Outcome {
+            seq,
+            target,
+            status: "created",
+            result_id: Some(*sr),
+            reason: None,
+        }
+    } else if missing.contains(&target) {
+        Outcome {
+            seq,
+            target,
+            status: "failed",
+            result_id: None,
+            reason: Some(reason::NOT_FOUND),
+        }
+    } else {
+        Outcome {
+            seq,
+            target,
+            status: "skipped",
+            result_id: existing.get(&target).copied(),
+            reason: Some(reason::ALREADY_HAS_SALES_RECORD),
+        }
+    }
+}
+
+/// Creates the Sales Records of `items` (seq, target) of `meta`'s batch in the caller's
+/// transaction and records their outcomes. Returns the outcomes newly recorded. An item
+/// no longer pending, or whose target is not the one frozen in the batch, is left as it is.
 ///
 /// # Errors
 /// Database errors; the caller rolls back.
 pub async fn apply(
     tx: &impl ConnectionTrait,
     meta: &BatchMeta,
-    seqs: &[i64],
+    items: &[(i64, i64)],
 ) -> Result<OutcomeDelta, DbErr> {
     let record_type = meta
         .record_type_id
         .ok_or_else(|| DbErr::Custom(format!("batch {} has no record type", meta.id)))?;
+    let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
     let rows = tx
         .query_all_raw(stmt(
             CREATE_SQL.as_str(),
             [
                 meta.id.into(),
-                seqs.to_vec().into(),
+                seqs.into(),
                 meta.agency_id.into(),
                 record_type.into(),
                 create_copied_types().into(),
             ],
         ))
         .await?;
-    let mut delta = OutcomeDelta::default();
+    let mut created = HashMap::with_capacity(items.len());
+    let mut missing = HashSet::new();
     for r in &rows {
-        let status: String = r.try_get("", "status")?;
-        let n: i64 = r.try_get("", "n")?;
-        delta.add(&status, n);
+        let was_created: bool = r.try_get("", "created")?;
+        let a: i64 = r.try_get("", "a")?;
+        if was_created {
+            created.insert(a, r.try_get::<i64>("", "b")?);
+        } else {
+            missing.insert(a);
+        }
     }
-    if delta.skipped > 0 {
-        tx.execute_raw(stmt(
-            SKIPPED_RESULTS_SQL,
-            [meta.id.into(), seqs.to_vec().into()],
-        ))
-        .await?;
+    let skipped: Vec<i64> = items
+        .iter()
+        .map(|(_, t)| *t)
+        .filter(|t| !created.contains_key(t) && !missing.contains(t))
+        .collect();
+    let mut existing = HashMap::new();
+    if !skipped.is_empty() {
+        for r in tx
+            .query_all_raw(stmt(EXISTING_SQL, [skipped.into()]))
+            .await?
+        {
+            existing.insert(r.try_get("", "individual_id")?, r.try_get("", "id")?);
+        }
     }
-    Ok(delta)
+    let outcomes: Vec<Outcome> = items
+        .iter()
+        .map(|(seq, target)| decide(*seq, *target, &missing, &created, &existing))
+        .collect();
+    crate::outcomes::write(tx, meta.id, &outcomes).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_follow_the_rules() {
+        let missing = HashSet::from([4]);
+        let created = HashMap::from([(1, 100)]);
+        let existing = HashMap::from([(2, 200)]);
+        assert_eq!(
+            decide(7, 1, &missing, &created, &existing).status,
+            "created"
+        );
+        assert_eq!(
+            decide(7, 1, &missing, &created, &existing).result_id,
+            Some(100)
+        );
+        let skipped = decide(8, 2, &missing, &created, &existing);
+        assert_eq!(
+            (skipped.status, skipped.result_id, skipped.reason),
+            ("skipped", Some(200), Some("already_has_sales_record"))
+        );
+        // A conflict with a record that is gone again by the time it is looked up: unnamed.
+        assert_eq!(decide(9, 3, &missing, &created, &existing).result_id, None);
+        let not_found = decide(10, 4, &missing, &created, &existing);
+        assert_eq!(
+            (not_found.status, not_found.reason),
+            ("failed", Some("not_found"))
+        );
+    }
 
     #[test]
     fn the_statement_copies_exactly_the_mapped_fields() {

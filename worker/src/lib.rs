@@ -2,20 +2,24 @@
 //! conversion, idempotently, many deliveries per transaction.
 //!
 //! # Layout
+//! - [`acks`]: many deliveries acknowledged with one frame, in order.
 //! - [`consumer`]: one consumer per lane; prefetch, bounded concurrency, batching, drain.
 //! - [`process`]: the chunk pipeline (locks, transaction, ack after commit, retries,
 //!   dead letters).
 //! - [`create`], [`convert`]: each job's rules as set-based SQL over a chunk.
 //! - [`meta`]: cached batch facts.
+//! - [`outcomes`]: recording a chunk's item outcomes in one statement.
 //! - [`retry`]: failure classes, retry tiers, attempt history headers.
 //! - [`deadletter`]: records the failure of dead-lettered items.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
+pub mod acks;
 pub mod consumer;
 pub mod convert;
 pub mod create;
 pub mod deadletter;
 pub mod meta;
+pub mod outcomes;
 pub mod process;
 pub mod retry;
 pub mod server;

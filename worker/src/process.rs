@@ -22,10 +22,10 @@ use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
 use bulkops_shared::topology::Topology;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, ShortString};
 use sea_orm::{DatabaseConnection, TransactionTrait};
 
+use crate::acks::AckTracker;
 use crate::meta::{BatchMeta, MetaCache};
 use crate::retry::{self, Failure, Next};
 
@@ -40,6 +40,8 @@ pub struct Work {
     pub msg: WorkMessage,
     /// Which delivery attempt this is (1-based).
     pub attempt: u32,
+    /// Settles it on the channel it came from.
+    pub tracker: Arc<AckTracker>,
 }
 
 /// Everything a chunk needs.
@@ -67,7 +69,12 @@ pub struct Processor {
 impl Processor {
     /// Processes one chunk of deliveries from `lane`. Every delivery is acked, re-routed or
     /// (when even that fails) returned to the queue before this returns.
-    pub async fn process(self: &Arc<Self>, lane: Lane, deliveries: Vec<Delivery>) {
+    pub async fn process(
+        self: &Arc<Self>,
+        lane: Lane,
+        deliveries: Vec<Delivery>,
+        tracker: Arc<AckTracker>,
+    ) {
         self.metrics.chunk_items.observe(deliveries.len() as f64);
         let mut by_batch: BTreeMap<BatchId, Vec<Work>> = BTreeMap::new();
         for delivery in deliveries {
@@ -78,6 +85,7 @@ impl Processor {
                         delivery,
                         msg,
                         attempt,
+                        tracker: tracker.clone(),
                     });
                 }
                 Err(e) => {
@@ -87,7 +95,7 @@ impl Processor {
                         .with_label_values(&["malformed"])
                         .inc();
                     // The work queue's dead-letter exchange takes it to the dead-letter queue.
-                    self.settle(&delivery, Settle::Reject).await;
+                    tracker.reject(delivery.delivery_tag).await;
                 }
             }
         }
@@ -233,29 +241,28 @@ impl Processor {
                 }
             }
         }
-        for dup in dups {
-            self.settle(&dup.delivery, Settle::Ack).await;
-        }
+        self.settle(&dups, Settle::Ack).await;
     }
 
     /// Runs the batch's rules over `works` in one transaction (retrying transient failures
     /// in process) and acknowledges them after the commit.
     async fn commit_and_ack(self: &Arc<Self>, lane: Lane, meta: &Arc<BatchMeta>, works: Vec<Work>) {
         let started = Instant::now();
-        let seqs: Vec<i64> = works.iter().map(|w| w.msg.seq).collect();
-        match self.commit_with_retries(meta, &seqs).await {
+        let items: Vec<(i64, i64)> = works.iter().map(|w| (w.msg.seq, w.msg.target_id)).collect();
+        match self.commit_with_retries(meta, &items).await {
             Ok(delta) => {
                 self.record_success(lane, meta, &works, delta, started);
-                for w in &works {
-                    self.settle(&w.delivery, Settle::Ack).await;
-                }
+                self.settle(&works, Settle::Ack).await;
             }
             Err(Failure::Permanent(class)) if works.len() > 1 => {
                 // One bad record must not fail its neighbours: isolate it.
                 tracing::warn!(batch_id = %meta.id, class, n = works.len(), "chunk failed; retrying its items one by one");
                 for w in works {
                     let started = Instant::now();
-                    match self.commit_with_retries(meta, &[w.msg.seq]).await {
+                    match self
+                        .commit_with_retries(meta, &[(w.msg.seq, w.msg.target_id)])
+                        .await
+                    {
                         Ok(delta) => {
                             self.record_success(
                                 lane,
@@ -264,7 +271,7 @@ impl Processor {
                                 delta,
                                 started,
                             );
-                            self.settle(&w.delivery, Settle::Ack).await;
+                            self.settle(std::slice::from_ref(&w), Settle::Ack).await;
                         }
                         Err(f) => self.fail(lane, vec![w], f).await,
                     }
@@ -315,11 +322,11 @@ impl Processor {
     async fn commit_with_retries(
         &self,
         meta: &BatchMeta,
-        seqs: &[i64],
+        items: &[(i64, i64)],
     ) -> Result<OutcomeDelta, Failure> {
         let mut backoff = retry::in_process_backoff(self.settings.in_process_retries);
         loop {
-            match self.commit(meta, seqs).await {
+            match self.commit(meta, items).await {
                 Ok(delta) => return Ok(delta),
                 Err(e) => {
                     let failure = Failure::from_db(&e);
@@ -351,8 +358,12 @@ impl Processor {
 
     /// One chunk's transaction, bounded in time: a database that stops answering (a stalled
     /// network) must not hold the chunk for ever.
-    async fn commit(&self, meta: &BatchMeta, seqs: &[i64]) -> Result<OutcomeDelta, sea_orm::DbErr> {
-        match tokio::time::timeout(self.chunk_timeout, self.commit_unbounded(meta, seqs)).await {
+    async fn commit(
+        &self,
+        meta: &BatchMeta,
+        items: &[(i64, i64)],
+    ) -> Result<OutcomeDelta, sea_orm::DbErr> {
+        match tokio::time::timeout(self.chunk_timeout, self.commit_unbounded(meta, items)).await {
             Ok(result) => result,
             Err(_) => Err(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::Internal(
                 format!(
@@ -366,12 +377,15 @@ impl Processor {
     async fn commit_unbounded(
         &self,
         meta: &BatchMeta,
-        seqs: &[i64],
+        items: &[(i64, i64)],
     ) -> Result<OutcomeDelta, sea_orm::DbErr> {
         let tx = self.db.begin().await?;
         let delta = match meta.kind {
-            BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, seqs).await?,
-            BatchKind::ConvertSalesRecords => crate::convert::apply(&tx, meta, seqs).await?,
+            BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, items).await?,
+            BatchKind::ConvertSalesRecords => {
+                let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
+                crate::convert::apply(&tx, meta, &seqs).await?
+            }
         };
         let completed = record_outcomes(&tx, meta.id, delta).await?;
         tx.commit().await?;
@@ -385,11 +399,7 @@ impl Processor {
     /// attempts spent, to the dead-letter queue); permanent ones to the dead-letter queue.
     async fn fail(&self, lane: Lane, works: Vec<Work>, failure: Failure) {
         match failure {
-            Failure::Interrupted => {
-                for w in &works {
-                    self.settle(&w.delivery, Settle::Requeue).await;
-                }
-            }
+            Failure::Interrupted => self.settle(&works, Settle::Requeue).await,
             Failure::Permanent(class) => self.dead_letter(lane, works, reason::ERROR, &class).await,
             Failure::Transient(class) => {
                 let mut delayed: Vec<(Work, usize)> = Vec::new();
@@ -447,9 +457,8 @@ impl Processor {
                         Settle::Requeue
                     }
                 };
-                for (w, _) in &delayed {
-                    self.settle(&w.delivery, settle).await;
-                }
+                let works: Vec<Work> = delayed.into_iter().map(|(w, _)| w).collect();
+                self.settle(&works, settle).await;
             }
         }
     }
@@ -494,38 +503,24 @@ impl Processor {
                 Settle::Requeue
             }
         };
-        for w in &works {
-            self.settle(&w.delivery, settle).await;
-        }
+        self.settle(&works, settle).await;
     }
 
-    async fn settle(&self, delivery: &Delivery, how: Settle) {
-        let result = match how {
-            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+    /// Settles deliveries of one channel: acks in one frame where the tracker allows.
+    async fn settle(&self, works: &[Work], how: Settle) {
+        let Some(first) = works.first() else { return };
+        let tracker = &first.tracker;
+        match how {
+            Settle::Ack => {
+                let tags: Vec<u64> = works.iter().map(|w| w.delivery.delivery_tag).collect();
+                tracker.ack(&tags).await;
+            }
             Settle::Requeue => {
-                // Give the failing dependency a moment before the message comes round again.
+                // Give the failing dependency a moment before the messages come round again.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
-            }
-            Settle::Reject => {
-                delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-            }
-        };
-        match result {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                // The channel is gone: the broker redelivers the message, and processing it
-                // again changes nothing.
-                self.metrics.ack_failures.inc();
+                for w in works {
+                    tracker.requeue(w.delivery.delivery_tag).await;
+                }
             }
         }
     }
@@ -587,8 +582,6 @@ enum Settle {
     Ack,
     /// Back to the queue (nothing could be done now).
     Requeue,
-    /// Rejected without requeue: the queue dead-letters it.
-    Reject,
 }
 
 fn published_at(delivery: &Delivery) -> Option<i64> {
