@@ -218,7 +218,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
     ("amqp.prefix", "bulkops"),
     ("amqp.events_exchange", "crm.events"),
-    ("amqp.prefetch", "600"),
+    ("amqp.prefetch", "1000"),
     ("amqp.delivery_limit", "20"),
     ("amqp.confirm_window", "2000"),
     ("amqp.timeout_ms", "10000"),

@@ -690,6 +690,26 @@ async fn main() -> anyhow::Result<()> {
             ),
         );
     }
+    // b'. one conversion at a time on an idle system (what an agent watching the modal sees)
+    {
+        let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
+        let d = deploy("bulkops_bench_run", 2, &[], "convert-single").await?;
+        let t = token(ct.admin, ct.agency);
+        let mut lat = Vec::new();
+        for id in ct.ids.iter().take(50) {
+            let started = Instant::now();
+            let b = d.api.convert(&t, &[*id]).await?;
+            wait_batch(&db, b, "n_converted").await?;
+            lat.push(started.elapsed().as_secs_f64());
+        }
+        r.row(
+            "b. single-record conversion, idle system, request → completed",
+            format!("p50 {:.0} ms", 1000.0 * percentile(lat.clone(), 0.5)),
+            format!("p95 {:.0} ms over {} runs", 1000.0 * percentile(lat.clone(), 0.95), lat.len()),
+        );
+        d.stop().await?;
+        db.close().await?;
+    }
     drop_db("bulkops_bench_run").await?;
     drop_db("bulkops_bench_convert").await?;
 
