@@ -705,7 +705,11 @@ async fn main() -> anyhow::Result<()> {
         r.row(
             "b. single-record conversion, idle system, request → completed",
             format!("p50 {:.0} ms", 1000.0 * percentile(lat.clone(), 0.5)),
-            format!("p95 {:.0} ms over {} runs", 1000.0 * percentile(lat.clone(), 0.95), lat.len()),
+            format!(
+                "p95 {:.0} ms over {} runs",
+                1000.0 * percentile(lat.clone(), 0.95),
+                lat.len()
+            ),
         );
         d.stop().await?;
         db.close().await?;
