@@ -334,17 +334,7 @@ pub async fn items(
         .query_all_raw(stmt(sql, params))
         .await
         .map_err(ApiError::db)?;
-    let mut items = rows
-        .iter()
-        .map(item_from_row)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ApiError::db)?;
-    let next_after = if items.len() as i64 > limit {
-        items.truncate(usize::try_from(limit).unwrap_or(0));
-        items.last().map(|i| i.seq)
-    } else {
-        None
-    };
+    let (items, next_after) = super::keyset_page(&rows, limit, item_from_row, |i| i.seq)?;
     Ok(axum::Json(ItemPage { items, next_after }))
 }
 

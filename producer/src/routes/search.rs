@@ -154,17 +154,7 @@ pub async fn search(
         .query_all_raw(stmt(page_sql, params))
         .await
         .map_err(ApiError::db)?;
-    let mut items = rows
-        .iter()
-        .map(item_from_row)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ApiError::db)?;
-    let next_after = if items.len() as i64 > limit {
-        items.truncate(usize::try_from(limit).unwrap_or(0));
-        items.last().map(|i| i.id)
-    } else {
-        None
-    };
+    let (items, next_after) = super::keyset_page(&rows, limit, item_from_row, |i| i.id)?;
     Ok(axum::Json(SearchResponse {
         total,
         items,
