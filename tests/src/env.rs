@@ -312,6 +312,7 @@ impl TestEnv {
     /// database. Called at the end of a passing test (a failing one leaves its database for
     /// inspection; its processes die with it).
     pub async fn finish(self) {
+        self.events.stop();
         for p in self.procs.lock().await.iter() {
             p.lock().await.kill().await;
         }

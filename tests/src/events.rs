@@ -14,6 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 /// One captured event.
 #[derive(Debug, Clone)]
@@ -30,7 +31,7 @@ pub struct Event {
 
 /// The captured events, in arrival order.
 #[derive(Clone, Default)]
-pub struct Events(Arc<Mutex<Vec<Event>>>);
+pub struct Events(Arc<Mutex<Vec<Event>>>, CancellationToken);
 
 async fn setup(
     url: &str,
@@ -84,10 +85,12 @@ impl Events {
         let first = setup(url, exchange, queue).await?;
         let events = Events::default();
         let sink = events.0.clone();
+        let stop = events.1.clone();
         let (url, exchange, queue) = (url.to_owned(), exchange.to_owned(), queue.to_owned());
         tokio::spawn(async move {
             let mut current = Some(first);
-            loop {
+            // Stops once asked to, so that the capture queue, once deleted, stays deleted.
+            while !stop.is_cancelled() {
                 let (conn, mut consumer) = match current.take() {
                     Some(c) => c,
                     None => match setup(&url, &exchange, &queue).await {
@@ -98,7 +101,12 @@ impl Events {
                         }
                     },
                 };
-                while let Some(Ok(d)) = consumer.next().await {
+                loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => None,
+                        next = consumer.next() => next,
+                    };
+                    let Some(Ok(d)) = next else { break };
                     let raw = String::from_utf8_lossy(&d.data).into_owned();
                     sink.lock().await.push(Event {
                         routing_key: d.routing_key.as_str().to_owned(),
@@ -117,6 +125,11 @@ impl Events {
             }
         });
         Ok(events)
+    }
+
+    /// Stops capturing: the consumer goes away and the queue is no longer re-declared.
+    pub fn stop(&self) {
+        self.1.cancel();
     }
 
     /// Everything captured so far.
