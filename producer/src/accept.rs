@@ -88,6 +88,8 @@ pub enum Acceptance {
         batch: AcceptedBatch,
         /// Whether it still has items to publish.
         needs_split: bool,
+        /// The items settled by the accepting transaction itself.
+        settled: OutcomeDelta,
     },
     /// The same key was used before for the same request: its stored answer.
     Replayed(AcceptedBatch),
@@ -224,6 +226,7 @@ pub async fn accept(
     Ok(Acceptance::New {
         batch: answer,
         needs_split: to_publish > 0,
+        settled: delta,
     })
 }
 

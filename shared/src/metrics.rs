@@ -176,6 +176,8 @@ pub struct ProducerMetrics {
     pub batches_accepted: IntCounterVec,
     /// `bulkops_batch_accept_duration_seconds{kind}`
     pub accept_duration: HistogramVec,
+    /// `bulkops_items_settled_on_accept_total{kind,outcome}`
+    pub items_settled_on_accept: IntCounterVec,
     /// `bulkops_split_published_total{kind,lane}`
     pub split_published: IntCounterVec,
     /// `bulkops_split_errors_total`
@@ -238,6 +240,12 @@ impl ProducerMetrics {
                 "Time to freeze a batch's items and commit, by kind.",
                 &["kind"],
                 latency_buckets(),
+            )?,
+            items_settled_on_accept: counter_vec(
+                &r,
+                "bulkops_items_settled_on_accept_total",
+                "Items given their outcome by the accepting transaction itself (no message), by kind and outcome.",
+                &["kind", "outcome"],
             )?,
             split_published: counter_vec(
                 &r,

@@ -32,6 +32,16 @@ impl OutcomeDelta {
         self.created + self.converted + self.skipped + self.failed
     }
 
+    /// Each outcome's stored status name with its count (the inverse of [`Self::add`]).
+    pub fn by_outcome(&self) -> [(&'static str, i64); 4] {
+        [
+            ("created", self.created),
+            ("converted", self.converted),
+            ("skipped", self.skipped),
+            ("failed", self.failed),
+        ]
+    }
+
     /// Adds one outcome by its stored status name; unknown names are ignored.
     pub fn add(&mut self, status: &str, n: i64) {
         match status {

@@ -294,17 +294,12 @@ impl Processor {
             .chunk_duration
             .with_label_values(&[kind])
             .observe(started.elapsed().as_secs_f64());
-        for (outcome, n) in [
-            ("created", delta.created),
-            ("converted", delta.converted),
-            ("skipped", delta.skipped),
-            ("failed", delta.failed),
-        ] {
+        for (outcome, n) in delta.by_outcome() {
             if n > 0 {
                 self.metrics
                     .items_processed
                     .with_label_values(&[kind, outcome])
-                    .inc_by(n as u64);
+                    .inc_by(n.unsigned_abs());
             }
         }
         let now_ms = chrono::Utc::now().timestamp_millis();

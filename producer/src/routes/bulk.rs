@@ -159,7 +159,11 @@ async fn accept_and_split(
     )
     .await?;
     match outcome {
-        Acceptance::New { batch, needs_split } => {
+        Acceptance::New {
+            batch,
+            needs_split,
+            settled,
+        } => {
             state
                 .metrics
                 .accept_duration
@@ -170,6 +174,15 @@ async fn accept_and_split(
                 .batches_accepted
                 .with_label_values(&[kind.label()])
                 .inc();
+            for (outcome, n) in settled.by_outcome() {
+                if n > 0 {
+                    state
+                        .metrics
+                        .items_settled_on_accept
+                        .with_label_values(&[kind.label(), outcome])
+                        .inc_by(n.unsigned_abs());
+                }
+            }
             if needs_split {
                 state.splitter.wake();
             }

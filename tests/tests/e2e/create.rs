@@ -123,6 +123,20 @@ async fn bulk_create_applies_rules_4_to_6_field_by_field() {
     assert_eq!(by_target(d)["status"], "skipped");
     assert_eq!(by_target(d)["reason"], "already_has_sales_record");
     assert_eq!(by_target(d)["result_id"], existing);
+    // It was decided by the accepting transaction, and the producer's metrics say so.
+    let metrics = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                == r#"bulkops_items_settled_on_accept_total{kind="create",outcome="skipped"} 1"#),
+        "{metrics}"
+    );
     assert!(
         items.iter().all(|i| i["target_id"] != foreign),
         "another agency's Individual is never found"
