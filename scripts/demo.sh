@@ -75,7 +75,7 @@ done
 echo "   failed or skipped items: $API/v1/batches/<id>/items?status=skipped (or bulkops batch items <id> --status failed)"
 echo "== Metrics"
 echo "   producer: $API/metrics   workers: http://127.0.0.1:9091/metrics http://127.0.0.1:9092/metrics"
-echo "   items processed, summed over both workers:"
-for port in 9091 9092; do curl -fs "http://127.0.0.1:$port/metrics" || true; done \
-  | awk '/^bulkops_items_processed_total/ { sum[$1] += $2 } END { for (k in sum) printf "   %s %d\n", k, sum[k] }' \
+echo "   outcomes counted by the workers (summed) and by the producer at acceptance:"
+for url in "$API" http://127.0.0.1:9091 http://127.0.0.1:9092; do curl -fs "$url/metrics" || true; done \
+  | awk '/^bulkops_items_(processed|settled_on_accept)_total/ { sum[$1] += $2 } END { for (k in sum) printf "   %s %d\n", k, sum[k] }' \
   | sort
