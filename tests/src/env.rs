@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bulkops_shared::topology::Topology;
 use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use tokio::sync::Mutex;
 
@@ -111,6 +112,8 @@ impl TestEnv {
         let db = Database::connect(opts).await?;
         let amqp_prefix = format!("t{id}");
         let events_exchange = format!("t{id}.events");
+        // Before anything is declared, so that a failing test's queues expire too.
+        ensure_queue_expiry().await;
         let events = Events::capture(
             &endpoints.amqp_direct,
             &events_exchange,
@@ -308,8 +311,8 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Stops every process, deletes the test's queues and exchanges, and drops its
-    /// database. Called at the end of a passing test (a failing one leaves its database for
+    /// Stops every process, releases the test's queues and exchanges ([`release_amqp`]), and
+    /// drops its database. Called at the end of a passing test (a failing one leaves its database for
     /// inspection; its processes die with it).
     pub async fn finish(self) {
         self.events.stop();
@@ -325,7 +328,7 @@ impl TestEnv {
             None => None,
         };
         if let Some(ch) = channel {
-            let topology = bulkops_shared::topology::Topology::new(
+            let topology = Topology::new(
                 self.amqp_prefix.clone(),
                 self.events_exchange.clone(),
                 1,
@@ -335,19 +338,13 @@ impl TestEnv {
                     Duration::from_millis(1000),
                 ],
             );
-            let mut queues = topology.all_queues();
-            queues.push(format!("{}.capture", self.amqp_prefix));
-            for q in queues {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            let _ = ch
-                .exchange_delete(topology.dead_letter_exchange().into(), Default::default())
-                .await;
-            let _ = ch
-                .exchange_delete(self.events_exchange.as_str().into(), Default::default())
-                .await;
+            release_amqp(
+                &ch,
+                &topology,
+                &[format!("{}.capture", self.amqp_prefix)],
+                &self.events_exchange,
+            )
+            .await;
         }
         if let Some(c) = amqp {
             let _ = c.close(200, "done".into()).await;
@@ -364,5 +361,81 @@ impl TestEnv {
             let _ = admin.close().await;
         }
         let _ = tokio::fs::remove_dir_all(&self.log_dir).await;
+    }
+}
+
+/// The RabbitMQ policy that expires the queues of finished test runs and benchmarks.
+const EXPIRY_POLICY: &str = "bulkops-test-runs";
+/// Every queue name a test run (`t{HHMMSS}{6 hex}.`) or a benchmark (`bench{6 hex}.`) declares.
+const RUN_QUEUES: &str = r"^(t[0-9]{6}[0-9a-f]{6}|bench[0-9a-f]{6})\.";
+/// Longer than any test or benchmark deployment lives: a retry queue has no consumer, so
+/// the broker counts it unused from its declaration on.
+const RUN_QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
+
+/// Makes sure the machine's broker expires the queues of finished runs; `false` when the
+/// policy cannot be set (no `rabbitmqctl`), in which case runs delete their queues.
+///
+/// Why not simply delete them: on RabbitMQ 3.10, deleting a quorum queue with at-least-once
+/// dead-lettering while its dead-letter worker is busy (still starting, or settling) crashes
+/// that worker twice in a row, which stops the broker's `rabbit_fifo_dlx_sup` for good, and
+/// from then on every such queue fails to start (rabbitmq-server#16652). A test run is over
+/// within seconds of declaring its queues, so it hit that. A queue the broker expires has
+/// been idle for the whole expiry, its worker long settled.
+pub async fn ensure_queue_expiry() -> bool {
+    static SET: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
+    *SET.get_or_init(|| async {
+        let definition = format!(r#"{{"expires":{}}}"#, RUN_QUEUE_EXPIRY.as_millis());
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "set_policy",
+                "--apply-to",
+                "queues",
+                EXPIRY_POLICY,
+                RUN_QUEUES,
+            ])
+            .arg(definition)
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => true,
+            Ok(o) => {
+                eprintln!(
+                    "rabbitmqctl set_policy failed ({}); test runs delete their queues",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                false
+            }
+            Err(e) => {
+                eprintln!("rabbitmqctl not runnable ({e}); test runs delete their queues");
+                false
+            }
+        }
+    })
+    .await
+}
+
+/// Releases a run's AMQP names on the machine's broker: its exchanges and the `classic`
+/// queues are deleted; the quorum queues of `topology` are left to the expiry policy (see
+/// [`ensure_queue_expiry`]), or deleted when it could not be set. Best effort: what is
+/// already gone is fine.
+pub async fn release_amqp(
+    ch: &Channel,
+    topology: &Topology,
+    classic: &[String],
+    events_exchange: &str,
+) {
+    let quorum = if ensure_queue_expiry().await {
+        Vec::new()
+    } else {
+        topology.all_queues()
+    };
+    for q in quorum.iter().chain(classic) {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [topology.dead_letter_exchange().as_str(), events_exchange] {
+        let _ = ch.exchange_delete(x.into(), Default::default()).await;
     }
 }

@@ -27,7 +27,9 @@ use anyhow::{Context, bail};
 use bulkops_shared::db::stmt;
 use bulkops_shared::mapping::{CREATE_FIELDS, create_copied_types, insert_lists};
 use bulkops_tests::api::{Api, token};
-use bulkops_tests::env::{SECRET, amqp_url, pg_server, redis_url};
+use bulkops_tests::env::{
+    SECRET, amqp_url, ensure_queue_expiry, pg_server, redis_url, release_amqp,
+};
 use bulkops_tests::process::{Proc, workspace_root};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -155,6 +157,7 @@ async fn deploy(
     tag: &str,
 ) -> anyhow::Result<Deployment> {
     let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    ensure_queue_expiry().await;
     let log_dir = workspace_root().join("target").join("bench-logs").join(tag);
     tokio::fs::create_dir_all(&log_dir).await?;
     let mut env: Vec<(String, String)> = vec![
@@ -232,20 +235,7 @@ impl Deployment {
                 Duration::from_secs(30),
             ],
         );
-        for q in topology.all_queues() {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(topology.dead_letter_exchange().into(), Default::default())
-            .await;
-        let _ = ch
-            .exchange_delete(
-                format!("{}.events", self.prefix).as_str().into(),
-                Default::default(),
-            )
-            .await;
+        release_amqp(&ch, &topology, &[], &format!("{}.events", self.prefix)).await;
         let _ = conn.close(200, "done".into()).await;
         Ok(())
     }
