@@ -381,6 +381,10 @@ const RUN_QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
 /// from then on every such queue fails to start (rabbitmq-server#16652). A test run is over
 /// within seconds of declaring its queues, so it hit that. A queue the broker expires has
 /// been idle for the whole expiry, its worker long settled.
+#[allow(
+    clippy::print_stderr,
+    reason = "the harness tells whoever runs the tests why clean-up falls back"
+)]
 pub async fn ensure_queue_expiry() -> bool {
     static SET: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
     *SET.get_or_init(|| async {
