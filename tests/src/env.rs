@@ -86,6 +86,7 @@ pub struct TestEnv {
     pub overrides: Mutex<Vec<(String, String)>>,
     procs: Mutex<Vec<Arc<Mutex<Proc>>>>,
     counter: std::sync::atomic::AtomicUsize,
+    began: std::time::Instant,
 }
 
 impl TestEnv {
@@ -112,8 +113,9 @@ impl TestEnv {
         let db = Database::connect(opts).await?;
         let amqp_prefix = format!("t{id}");
         let events_exchange = format!("t{id}.events");
-        // Before anything is declared, so that a failing test's queues expire too.
+        // Before anything is declared: a failing test's queues expire instead of piling up.
         ensure_queue_expiry().await;
+        let began = std::time::Instant::now();
         let events = Events::capture(
             &endpoints.amqp_direct,
             &events_exchange,
@@ -138,6 +140,7 @@ impl TestEnv {
             overrides: Mutex::new(Vec::new()),
             procs: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicUsize::new(0),
+            began,
         })
     }
 
@@ -343,6 +346,7 @@ impl TestEnv {
                 &topology,
                 &[format!("{}.capture", self.amqp_prefix)],
                 &self.events_exchange,
+                self.began,
             )
             .await;
         }
@@ -364,30 +368,27 @@ impl TestEnv {
     }
 }
 
-/// The RabbitMQ policy that expires the queues of finished test runs and benchmarks.
+/// The RabbitMQ policy that expires what failed test runs and benchmarks leave behind.
 const EXPIRY_POLICY: &str = "bulkops-test-runs";
 /// Every queue name a test run (`t{HHMMSS}{6 hex}.`) or a benchmark (`bench{6 hex}.`) declares.
 const RUN_QUEUES: &str = r"^(t[0-9]{6}[0-9a-f]{6}|bench[0-9a-f]{6})\.";
 /// Longer than any test or benchmark deployment lives: a retry queue has no consumer, so
 /// the broker counts it unused from its declaration on.
 const RUN_QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
+/// How old a run's queues must be before it deletes them (see [`release_amqp`]).
+const QUEUE_MIN_AGE: Duration = Duration::from_secs(15);
 
-/// Makes sure the machine's broker expires the queues of finished runs; `false` when the
-/// policy cannot be set (no `rabbitmqctl`), in which case runs delete their queues.
-///
-/// Why not simply delete them: on RabbitMQ 3.10, deleting a quorum queue with at-least-once
-/// dead-lettering while its dead-letter worker is busy (still starting, or settling) crashes
-/// that worker twice in a row, which stops the broker's `rabbit_fifo_dlx_sup` for good, and
-/// from then on every such queue fails to start (rabbitmq-server#16652). A test run is over
-/// within seconds of declaring its queues, so it hit that. A queue the broker expires has
-/// been idle for the whole expiry, its worker long settled.
+/// Makes sure the machine's broker expires the queues a failed run leaves behind (a passing
+/// run deletes its own), so that they do not pile up across runs: each quorum queue holds
+/// a few of the broker's file handles, and a broker out of them stalls. Best effort: without
+/// `rabbitmqctl` the leftovers stay until deleted by hand.
 #[allow(
     clippy::print_stderr,
-    reason = "the harness tells whoever runs the tests why clean-up falls back"
+    reason = "the harness tells whoever runs the tests that leftovers will not expire"
 )]
-pub async fn ensure_queue_expiry() -> bool {
-    static SET: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
-    *SET.get_or_init(|| async {
+pub async fn ensure_queue_expiry() {
+    static SET: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SET.get_or_init(|| async {
         let definition = format!(r#"{{"expires":{}}}"#, RUN_QUEUE_EXPIRY.as_millis());
         let out = tokio::process::Command::new("rabbitmqctl")
             .args([
@@ -402,39 +403,40 @@ pub async fn ensure_queue_expiry() -> bool {
             .output()
             .await;
         match out {
-            Ok(o) if o.status.success() => true,
-            Ok(o) => {
-                eprintln!(
-                    "rabbitmqctl set_policy failed ({}); test runs delete their queues",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                false
-            }
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "rabbitmqctl set_policy failed ({}); failed runs' queues will not expire",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
             Err(e) => {
-                eprintln!("rabbitmqctl not runnable ({e}); test runs delete their queues");
-                false
+                eprintln!("rabbitmqctl not runnable ({e}); failed runs' queues will not expire")
             }
         }
     })
-    .await
+    .await;
 }
 
-/// Releases a run's AMQP names on the machine's broker: its exchanges and the `classic`
-/// queues are deleted; the quorum queues of `topology` are left to the expiry policy (see
-/// [`ensure_queue_expiry`]), or deleted when it could not be set. Best effort: what is
-/// already gone is fine.
+/// Deletes a run's AMQP names on the machine's broker, best effort (what is already gone
+/// is fine): every queue of `topology` and the `extra` ones, its dead-letter exchange and
+/// the events exchange.
+///
+/// The queues are deleted only once they are [`QUEUE_MIN_AGE`] old (`declared_at` is when
+/// the run began). On RabbitMQ 3.10, deleting a quorum queue with at-least-once
+/// dead-lettering while its dead-letter worker is still starting crashes that worker twice
+/// in a row, which stops the broker's `rabbit_fifo_dlx_sup` for good: from then on every
+/// such queue fails to start (rabbitmq-server#16652). A short test deleted its queues a
+/// second after declaring them and wedged the broker that way.
 pub async fn release_amqp(
     ch: &Channel,
     topology: &Topology,
-    classic: &[String],
+    extra: &[String],
     events_exchange: &str,
+    declared_at: std::time::Instant,
 ) {
-    let quorum = if ensure_queue_expiry().await {
-        Vec::new()
-    } else {
-        topology.all_queues()
-    };
-    for q in quorum.iter().chain(classic) {
+    if let Some(wait) = QUEUE_MIN_AGE.checked_sub(declared_at.elapsed()) {
+        tokio::time::sleep(wait).await;
+    }
+    for q in topology.all_queues().iter().chain(extra) {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;

@@ -148,6 +148,7 @@ struct Deployment {
     workers: Vec<Arc<Mutex<Proc>>>,
     api: Api,
     prefix: String,
+    began: Instant,
 }
 
 async fn deploy(
@@ -158,6 +159,7 @@ async fn deploy(
 ) -> anyhow::Result<Deployment> {
     let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     ensure_queue_expiry().await;
+    let began = Instant::now();
     let log_dir = workspace_root().join("target").join("bench-logs").join(tag);
     tokio::fs::create_dir_all(&log_dir).await?;
     let mut env: Vec<(String, String)> = vec![
@@ -214,6 +216,7 @@ async fn deploy(
         workers: ws,
         api,
         prefix,
+        began,
     })
 }
 
@@ -235,7 +238,14 @@ impl Deployment {
                 Duration::from_secs(30),
             ],
         );
-        release_amqp(&ch, &topology, &[], &format!("{}.events", self.prefix)).await;
+        release_amqp(
+            &ch,
+            &topology,
+            &[],
+            &format!("{}.events", self.prefix),
+            self.began,
+        )
+        .await;
         let _ = conn.close(200, "done".into()).await;
         Ok(())
     }
