@@ -72,6 +72,35 @@ async fn channel(
     Ok((link, ch, topology, q.message_count()))
 }
 
+/// Takes the next dead-lettered message, if any (it stays unacknowledged until acked or given back).
+async fn next_dead(
+    link: &AmqpLink,
+    ch: &lapin::Channel,
+    topology: &Topology,
+) -> anyhow::Result<Option<lapin::message::BasicGetMessage>> {
+    Ok(with_timeout(
+        link.timeout(),
+        ch.basic_get(
+            topology.dead_queue().as_str().into(),
+            BasicGetOptions::default(),
+        ),
+    )
+    .await?)
+}
+
+/// Returns messages read but not acted on to the dead-letter queue. Best effort: a message
+/// not returned comes back anyway when the connection closes.
+async fn give_back(ackers: Vec<lapin::Acker>) {
+    for acker in ackers {
+        let _ = acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+    }
+}
+
 /// `bulkops dlq list`: one line per dead-lettered message (read, then returned).
 ///
 /// # Errors
@@ -81,15 +110,7 @@ pub async fn list(settings: &Settings, batch: Option<i64>) -> anyhow::Result<()>
     out(&format!("{count} message(s) in {}", topology.dead_queue()));
     let mut returned = Vec::new();
     for _ in 0..count {
-        let Some(m) = with_timeout(
-            link.timeout(),
-            ch.basic_get(
-                topology.dead_queue().as_str().into(),
-                BasicGetOptions::default(),
-            ),
-        )
-        .await?
-        else {
+        let Some(m) = next_dead(&link, &ch, &topology).await? else {
             break;
         };
         let d = &m.delivery;
@@ -117,14 +138,7 @@ pub async fn list(settings: &Settings, batch: Option<i64>) -> anyhow::Result<()>
         }
         returned.push(d.acker.clone());
     }
-    for acker in returned {
-        let _ = acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
-    }
+    give_back(returned).await;
     link.close().await;
     Ok(())
 }
@@ -178,15 +192,7 @@ pub async fn replay(
     let (mut replayed, mut dropped, mut kept) = (0, 0, 0);
     let mut returned = Vec::new();
     for _ in 0..count {
-        let Some(m) = with_timeout(
-            link.timeout(),
-            ch.basic_get(
-                topology.dead_queue().as_str().into(),
-                BasicGetOptions::default(),
-            ),
-        )
-        .await?
-        else {
+        let Some(m) = next_dead(&link, &ch, &topology).await? else {
             break;
         };
         let d = m.delivery;
@@ -222,14 +228,7 @@ pub async fn replay(
         }
         d.acker.ack(BasicAckOptions::default()).await?;
     }
-    for acker in returned {
-        let _ = acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
-    }
+    give_back(returned).await;
     out(&format!(
         "replayed {replayed}, removed {dropped} whose item already had an outcome, left {kept} in place"
     ));
