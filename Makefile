@@ -45,12 +45,21 @@ test-faults: build ## The fault suite (FAULT_RUNS=n repeats each scenario); writ
 test-faults-ci: build ## The fault suite, each scenario once (part of make test)
 	$(CARGO) test -p bulkops-tests --locked --test faults -- --test-threads=2
 
+.PHONY: test-cluster
+test-cluster: build ## The cluster suite: clustered RabbitMQ, Redis and PostgreSQL losing nodes (CLUSTER_RUNS=n repeats it and writes docs/RELIABILITY.md's cluster table)
+	rm -f target/reliability/cluster.jsonl
+	CLUSTER_RUNS=$${CLUSTER_RUNS:-1} $(CARGO) test -p bulkops-tests --locked --test cluster -- --test-threads=1
+	@if [ -n "$${CLUSTER_RUNS:-}" ]; then \
+	  bash scripts/reliability-table.sh target/reliability/cluster.jsonl > target/reliability/cluster-table.md && \
+	  python3 scripts/update-reliability-doc.py target/reliability/cluster-table.md "make test-cluster CLUSTER_RUNS=$${CLUSTER_RUNS}" cluster; \
+	fi
+
 .PHONY: test-chart
 test-chart: ## Helm chart (lint, render, Kubernetes schemas), dashboard and compose checks
 	bash tests/chart/run.sh
 
 .PHONY: test
-test: lint test-unit test-e2e test-faults-ci test-chart ## The whole suite (what CI runs)
+test: lint test-unit test-e2e test-faults-ci test-cluster test-chart ## The whole suite (what CI runs)
 
 .PHONY: clean
 clean: ## Remove build output

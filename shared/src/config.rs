@@ -73,6 +73,15 @@ pub struct DatabaseSettings {
 pub struct AmqpSettings {
     /// Connection URL, `amqp://user:password@host:port/vhost`.
     pub url: SecretString,
+    /// The nodes of one RabbitMQ cluster (`BULKOPS__AMQP__URLS`, comma-separated). When
+    /// set, used instead of `url`: every (re)connect tries them in turn, starting at a
+    /// random one.
+    #[serde(default)]
+    pub urls: Vec<SecretString>,
+    /// How many queues the bulk lane is sharded into (their leaders spread over the
+    /// cluster's nodes); the splitter spreads every batch over all of them and every worker
+    /// consumes all of them.
+    pub bulk_queues: u16,
     /// Every queue and internal exchange name starts with this.
     pub prefix: String,
     /// Topic exchange the CRM's workflow engine listens on.
@@ -91,12 +100,43 @@ pub struct AmqpSettings {
 /// `[redis]`
 #[derive(Debug, Clone, Deserialize)]
 pub struct RedisSettings {
-    /// Connection URL, `redis://[:password@]host:port[/db]`.
+    /// How Redis is deployed: one server (`url`), a Redis Cluster or Sentinels (`nodes`).
+    pub mode: RedisMode,
+    /// Connection URL in standalone mode, `redis://[:password@]host:port[/db]`.
     pub url: SecretString,
+    /// Cluster mode: seed nodes; sentinel mode: the Sentinels. `redis://host:port` each
+    /// (`BULKOPS__REDIS__NODES`, comma-separated).
+    #[serde(default)]
+    pub nodes: Vec<SecretString>,
+    /// Sentinel mode: the name of the monitored master.
+    pub sentinel_master: String,
     /// Every key starts with this.
     pub prefix: String,
     /// Longest wait for one Redis command, in milliseconds.
     pub timeout_ms: u64,
+}
+
+/// `redis.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis server at `redis.url`.
+    Standalone,
+    /// A Redis Cluster reached through the seed nodes in `redis.nodes`.
+    Cluster,
+    /// A master managed by the Sentinels in `redis.nodes`, named `redis.sentinel_master`.
+    Sentinel,
+}
+
+impl RedisMode {
+    /// The configured name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Cluster => "cluster",
+            Self::Sentinel => "sentinel",
+        }
+    }
 }
 
 /// `[auth]`
@@ -222,7 +262,10 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("amqp.delivery_limit", "20"),
     ("amqp.confirm_window", "2000"),
     ("amqp.timeout_ms", "10000"),
+    ("amqp.bulk_queues", "1"),
+    ("redis.mode", "standalone"),
     ("redis.url", "redis://127.0.0.1:6379"),
+    ("redis.sentinel_master", "mymaster"),
     ("redis.prefix", "bulkops"),
     ("redis.timeout_ms", "2000"),
     ("http.bind", "127.0.0.1:8080"),
@@ -295,15 +338,27 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("worker.retry_delays_ms")
+                .with_list_parse_key("amqp.urls")
+                .with_list_parse_key("redis.nodes")
                 .try_parsing(true)
                 .source(Some(env)),
         );
         let raw = builder
             .build()
             .map_err(|e| ConfigError::new(one_line(&e.to_string())))?;
-        let settings: Settings = raw
+        let mut settings: Settings = raw
             .try_deserialize()
-            .map_err(|e| ConfigError::new(one_line(&e.to_string())))?;
+            .map_err(|e| ConfigError::new(one_line(&redact_variant(&e.to_string()))))?;
+        // An empty `BULKOPS__AMQP__URLS=` (or a trailing comma) means no entry, not an
+        // entry that is an empty URL.
+        settings
+            .amqp
+            .urls
+            .retain(|u| !u.expose_secret().trim().is_empty());
+        settings
+            .redis
+            .nodes
+            .retain(|u| !u.expose_secret().trim().is_empty());
         settings.validate()?;
         Ok(settings)
     }
@@ -316,6 +371,42 @@ impl Settings {
         )?;
         check_url(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
         check_url(&self.redis.url, "redis.url", &["redis", "rediss"])?;
+        for (i, url) in self.amqp.urls.iter().enumerate() {
+            if url
+                .expose_secret()
+                .trim()
+                .parse::<lapin::uri::AMQPUri>()
+                .is_err()
+            {
+                return Err(ConfigError::new(format!(
+                    "amqp.urls entry {} is not a valid AMQP URL (amqp://user:password@host:port/vhost)",
+                    i + 1
+                )));
+            }
+        }
+        for (i, url) in self.redis.nodes.iter().enumerate() {
+            check_url(
+                url,
+                &format!("redis.nodes entry {}", i + 1),
+                &["redis", "rediss"],
+            )?;
+        }
+        if self.redis.mode != RedisMode::Standalone && self.redis.nodes.is_empty() {
+            return Err(ConfigError::new(format!(
+                "redis.nodes must list at least one node when redis.mode is {} (BULKOPS__REDIS__NODES, comma-separated)",
+                self.redis.mode.as_str()
+            )));
+        }
+        if self.redis.mode == RedisMode::Sentinel && self.redis.sentinel_master.trim().is_empty() {
+            return Err(ConfigError::new(
+                "redis.sentinel_master must name the master when redis.mode is sentinel",
+            ));
+        }
+        if self.amqp.bulk_queues == 0 || self.amqp.bulk_queues > 64 {
+            return Err(ConfigError::new(
+                "amqp.bulk_queues must be between 1 and 64",
+            ));
+        }
         check_name(&self.amqp.prefix, "amqp.prefix")?;
         check_name(&self.amqp.events_exchange, "amqp.events_exchange")?;
         check_name(&self.redis.prefix, "redis.prefix")?;
@@ -396,6 +487,15 @@ impl Settings {
 }
 
 impl AmqpSettings {
+    /// The broker URLs to try: `amqp.urls` when set, otherwise `amqp.url` alone.
+    pub fn node_urls(&self) -> Vec<&SecretString> {
+        if self.urls.is_empty() {
+            vec![&self.url]
+        } else {
+            self.urls.iter().collect()
+        }
+    }
+
     /// [`AmqpSettings::timeout_ms`] as a duration.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
@@ -422,6 +522,15 @@ impl WorkerSettings {
             .map(|ms| Duration::from_millis(*ms))
             .collect()
     }
+}
+
+/// serde names the offending value in an unknown-variant error; the only enum in the
+/// settings is `redis.mode`, whose value is no secret, but keep the message about the key.
+fn redact_variant(s: &str) -> String {
+    if s.contains("redis.mode") && (s.contains("variant") || s.contains("enum RedisMode")) {
+        return "redis.mode must be standalone, cluster or sentinel".to_owned();
+    }
+    s.to_owned()
 }
 
 /// The config crate's messages can span lines; ours are one line.
@@ -547,6 +656,68 @@ mod tests {
                 .to_string();
             assert!(err.contains(expect), "{key}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn cluster_keys_parse_from_the_environment() {
+        let s = Settings::load_from(&env(&[
+            (
+                "BULKOPS__AMQP__URLS",
+                "amqp://u:p@n1:5672/%2f,amqp://u:p@n2:5672/%2f,",
+            ),
+            ("BULKOPS__AMQP__BULK_QUEUES", "3"),
+            ("BULKOPS__REDIS__MODE", "cluster"),
+            ("BULKOPS__REDIS__NODES", "redis://n1:7000,redis://n2:7001"),
+        ]))
+        .unwrap();
+        assert_eq!(s.amqp.urls.len(), 2);
+        assert_eq!(s.amqp.node_urls().len(), 2);
+        assert_eq!(s.amqp.bulk_queues, 3);
+        assert_eq!(s.redis.mode, RedisMode::Cluster);
+        assert_eq!(s.redis.nodes.len(), 2);
+        assert_eq!(s.redis.sentinel_master, "mymaster");
+        let d = Settings::load_from(&Sources::default()).unwrap();
+        assert_eq!(d.redis.mode, RedisMode::Standalone);
+        assert_eq!(d.amqp.node_urls().len(), 1);
+        assert_eq!(d.amqp.bulk_queues, 1);
+    }
+
+    #[test]
+    fn bad_cluster_keys_are_named_and_passwords_never_printed() {
+        for (pairs, expect) in [
+            (vec![("BULKOPS__REDIS__MODE", "galaxy")], "redis.mode"),
+            (vec![("BULKOPS__REDIS__MODE", "cluster")], "redis.nodes"),
+            (
+                vec![
+                    ("BULKOPS__REDIS__MODE", "sentinel"),
+                    ("BULKOPS__REDIS__NODES", ""),
+                ],
+                "redis.nodes",
+            ),
+            (
+                vec![(
+                    "BULKOPS__AMQP__URLS",
+                    "amqp://u:pw-topsecret@n1/%2f,http://u:pw-topsecret@n2",
+                )],
+                "amqp.urls",
+            ),
+            (
+                vec![(
+                    "BULKOPS__REDIS__NODES",
+                    "redis://:pw-topsecret@n1:1,tcp://x",
+                )],
+                "redis.nodes",
+            ),
+            (
+                vec![("BULKOPS__AMQP__BULK_QUEUES", "0")],
+                "amqp.bulk_queues",
+            ),
+        ] {
+            let err = Settings::load_from(&env(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{pairs:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+            assert!(!err.contains("topsecret"), "{err}");
         }
     }
 

@@ -1,0 +1,1 @@
+//! Cluster scenarios: pg (see main.rs).

@@ -1,0 +1,1 @@
+//! Cluster scenarios: rabbit (see main.rs).

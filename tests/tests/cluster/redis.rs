@@ -1,0 +1,1 @@
+//! Cluster scenarios: redis (see main.rs).

@@ -1,0 +1,1 @@
+//! Cluster scenarios: rolling (see main.rs).
