@@ -14,6 +14,7 @@
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
 //! - [`proxy`]: a fault-injecting TCP proxy.
+//! - [`scenario`]: the skeleton fault and cluster scenarios share (worlds, waits, tallies).
 //! - [`services`]: PostgreSQL, RabbitMQ and Redis instances a test starts (and restarts) itself.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod events;
 pub mod fixture;
 pub mod process;
 pub mod proxy;
+pub mod scenario;
 pub mod services;
 
 pub use env::TestEnv;
