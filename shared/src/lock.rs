@@ -1,21 +1,60 @@
-//! Per-record Redis locks.
+//! Per-record Redis locks, on one Redis server, a Redis Cluster or a Sentinel-managed master.
 //!
 //! A lock is a key `{redis.prefix}:lock:{kind}:{id}` set with `SET NX PX` to a token that
 //! names its holder, and released by a Lua compare-and-delete, so a worker can never
-//! release a lock another worker took after its own expired. Many keys are taken and
-//! released in one round trip each (one script call over all the keys of a chunk).
+//! release a lock another worker took after its own expired. A chunk's keys are taken and
+//! released in as few round trips as the deployment allows.
 //!
 //! A lock only saves work: it keeps two workers from racing on the same record. It can
-//! expire under a long pause (SIGSTOP, GC, a network partition), so correctness never
-//! rests on it: the database's unique index and row locks decide.
+//! expire under a long pause (SIGSTOP, GC, a network partition), or vanish in a failover
+//! (Redis replicates asynchronously, so a promoted replica may not have the newest locks);
+//! correctness never rests on it: the database's unique index and row locks decide. A lost
+//! lock costs duplicate work, never a duplicate record.
+//!
+//! # Modes (`redis.mode`)
+//! - **standalone**: one server at `redis.url`, through the crate's reconnecting
+//!   `ConnectionManager`. One script call per chunk.
+//! - **cluster**: a Redis Cluster found from the seed nodes in `redis.nodes`, through the
+//!   crate's async cluster client, which keeps a slot map, follows `MOVED`/`ASK` and
+//!   reconnects after a failover. A Lua script may only touch keys of one hash slot, so a
+//!   chunk's keys are **grouped by hash slot** (the crate's own `Slot::for_key`) and one
+//!   script call per slot is sent, all at once: the cluster client multiplexes them over one
+//!   connection per master, so a chunk costs one round trip per master, in parallel.
+//!   We chose this over hash tags: tags that put a chunk in one slot would have to follow
+//!   the chunk (a chunk is whatever the broker delivered together, not a range of ids), and
+//!   tags by id range put every worker of a batch that walks the ids in order on one
+//!   master at a time. Untagged keys spread by CRC16 of each key over every slot, the key
+//!   names stay the same in every mode, and a lock script does so little that one call per
+//!   key costs microseconds of server time. A script missing on a node (a fresh node, a
+//!   promoted replica: `SCRIPT LOAD` is not replicated) answers `NOSCRIPT`; the script is
+//!   then loaded on that slot's master alone and the call repeated, so one unreachable
+//!   master does not stop the slots of the others.
+//! - **sentinel**: the master named `redis.sentinel_master`, found through the Sentinels in
+//!   `redis.nodes` with the crate's Sentinel client (which checks the node it names answers
+//!   `ROLE` as master). The connection to it is kept until a command on it fails (the
+//!   master died, or was demoted: Sentinel kills the clients of a demoted master, or it
+//!   answers `READONLY`); the next command asks the Sentinels again, so a failover is
+//!   followed. The master is reached with the username, password and database of
+//!   `redis.url` (its host and port are not used in this mode); the Sentinels with the
+//!   credentials in their own URLs.
+//!
+//! Every call is bounded by `redis.timeout_ms`. Both scripts are idempotent (acquire is
+//! re-entrant by token, release compares tokens), so the cluster client may retry them
+//! after a redirection or a reconnect. A Redis that is unreachable makes every call fail
+//! quickly; callers wait it out ([`Locks::ping`] says when it is back).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, Script, ServerErrorKind};
 use secrecy::ExposeSecret;
 
-use crate::config::RedisSettings;
+use crate::config::{RedisMode, RedisSettings};
 
 /// Takes every key whose lock is free (or already ours) and reports, per key, whether we
 /// hold it now. Re-entrant by token, so retrying after a lost reply is safe.
@@ -69,41 +108,98 @@ pub enum LockError {
 /// Takes and releases record locks.
 #[derive(Clone)]
 pub struct Locks {
-    conn: ConnectionManager,
+    backend: Backend,
     prefix: String,
     timeout: Duration,
-    acquire: Script,
-    release: Script,
+    acquire: LuaScript,
+    release: LuaScript,
+}
+
+/// A script and its code (`Script` keeps its code to itself; a cluster node that lacks the
+/// script gets it loaded by code).
+#[derive(Clone)]
+struct LuaScript {
+    script: Script,
+    code: &'static str,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        Self {
+            script: Script::new(code),
+            code,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelMaster>),
 }
 
 impl std::fmt::Debug for Locks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.backend {
+            Backend::Standalone(_) => RedisMode::Standalone,
+            Backend::Cluster(_) => RedisMode::Cluster,
+            Backend::Sentinel(_) => RedisMode::Sentinel,
+        };
         f.debug_struct("Locks")
+            .field("mode", &mode.as_str())
             .field("prefix", &self.prefix)
             .finish()
     }
 }
 
 impl Locks {
-    /// Connects lazily to Redis: a Redis that is down at start-up is retried, and
-    /// `/readyz` reports it meanwhile.
+    /// Connects lazily to Redis in the configured mode: a Redis that is down at start-up is
+    /// retried, and `/readyz` reports it meanwhile. Must be called inside a tokio runtime
+    /// (the cluster client starts its connection task).
     ///
     /// # Errors
-    /// When the URL is invalid.
+    /// When a URL is invalid (the error never contains it).
     pub fn connect(settings: &RedisSettings) -> Result<Self, LockError> {
-        let client = redis::Client::open(settings.url.expose_secret())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout()))
-            .set_response_timeout(Some(settings.timeout()))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let timeout = settings.timeout();
+        let backend = match settings.mode {
+            RedisMode::Standalone => {
+                let client = redis::Client::open(settings.url.expose_secret())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(2));
+                Backend::Standalone(ConnectionManager::new_lazy_with_config(client, config)?)
+            }
+            RedisMode::Cluster => {
+                let nodes: Vec<&str> = settings.nodes.iter().map(|n| n.expose_secret()).collect();
+                let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .overall_response_timeout(Some(timeout))
+                    // Retries (after MOVED, ASK, TRYAGAIN or a reconnect) fit within one
+                    // call's timeout; the caller waits out anything longer.
+                    .retries(3)
+                    .min_retry_wait(20)
+                    .max_retry_wait(500)
+                    .build()?;
+                Backend::Cluster(
+                    client.get_pending_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(timeout)
+                            .set_response_timeout(timeout),
+                    ),
+                )
+            }
+            RedisMode::Sentinel => Backend::Sentinel(Arc::new(SentinelMaster::new(settings)?)),
+        };
         Ok(Self {
-            conn,
+            backend,
             prefix: settings.prefix.clone(),
-            timeout: settings.timeout(),
-            acquire: Script::new(ACQUIRE),
-            release: Script::new(RELEASE),
+            timeout,
+            acquire: LuaScript::new(ACQUIRE),
+            release: LuaScript::new(RELEASE),
         })
     }
 
@@ -133,17 +229,18 @@ impl Locks {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.acquire.prepare_invoke();
-        for t in targets {
-            invocation.key(self.key(*t));
+        let keys: Vec<String> = targets.iter().map(|t| self.key(*t)).collect();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let args = [token.to_owned(), ttl_ms.to_string()];
+        let held: Vec<i64> = self
+            .bounded(self.run_per_slot(&self.acquire, &keys, &args, |per_key| per_key))
+            .await?;
+        if held.len() != keys.len() {
+            return Err(LockError::Redis(redis::RedisError::from((
+                ErrorKind::Parse,
+                "lock script answered for a different number of keys",
+            ))));
         }
-        invocation
-            .arg(token)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let mut conn = self.conn.clone();
-        let held: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| LockError::Timeout(self.timeout))??;
         Ok(held.into_iter().map(|h| h == 1).collect())
     }
 
@@ -155,28 +252,365 @@ impl Locks {
         if targets.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.release.prepare_invoke();
-        for t in targets {
-            invocation.key(self.key(*t));
-        }
-        invocation.arg(token);
-        let mut conn = self.conn.clone();
-        let n: usize = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| LockError::Timeout(self.timeout))??;
-        Ok(n)
+        let keys: Vec<String> = targets.iter().map(|t| self.key(*t)).collect();
+        let args = [token.to_owned()];
+        self.bounded(
+            self.run_per_slot(&self.release, &keys, &args, |parts: Vec<usize>| {
+                parts.into_iter().sum()
+            }),
+        )
+        .await
     }
 
-    /// `PING`, for readiness.
+    /// Whether Redis can take locks now, for readiness and for waiting out an outage:
+    /// standalone, the server answers `PING`; cluster, every master in the client's slot
+    /// map answers `PING` (a master that died and has not been replaced yet fails it);
+    /// sentinel, the Sentinels name a master and it answers `ROLE` as master.
     ///
     /// # Errors
-    /// When Redis does not answer.
+    /// When Redis does not answer, or the node answering is not a master.
     pub async fn ping(&self) -> Result<(), LockError> {
-        let mut conn = self.conn.clone();
-        let _: String =
-            tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
-                .await
-                .map_err(|_| LockError::Timeout(self.timeout))??;
-        Ok(())
+        self.bounded(async {
+            match &self.backend {
+                Backend::Standalone(conn) => {
+                    let mut conn = conn.clone();
+                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                }
+                Backend::Cluster(conn) => {
+                    let mut conn = conn.clone();
+                    // The cluster client sends PING to every master and fails unless all answer.
+                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                }
+                Backend::Sentinel(master) => master.check_role().await?,
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, LockError>>,
+    ) -> Result<T, LockError> {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| LockError::Timeout(self.timeout))?
+    }
+
+    /// Runs `script` over `keys`: in one call on a single server, or in one call per hash
+    /// slot (all sent at once) on a cluster, where `combine` joins the slots' answers back in
+    /// key order.
+    async fn run_per_slot<T, P>(
+        &self,
+        script: &LuaScript,
+        keys: &[String],
+        args: &[String],
+        combine: impl FnOnce(Vec<P>) -> T,
+    ) -> Result<T, LockError>
+    where
+        T: redis::FromRedisValue,
+        P: redis::FromRedisValue + Default + Clone + Send,
+        Vec<P>: Send,
+    {
+        match &self.backend {
+            Backend::Standalone(conn) => {
+                let mut conn = conn.clone();
+                Ok(invocation(&script.script, keys, args)
+                    .invoke_async(&mut conn)
+                    .await?)
+            }
+            Backend::Sentinel(master) => {
+                let (generation, mut conn) = master.connection().await?;
+                let result = invocation(&script.script, keys, args)
+                    .invoke_async(&mut conn)
+                    .await;
+                if result.is_err() {
+                    // The master died or was demoted: ask the Sentinels again next time.
+                    master.forget(generation);
+                }
+                Ok(result?)
+            }
+            Backend::Cluster(conn) => {
+                let groups = group_by_slot(keys);
+                let calls =
+                    groups.iter().map(|(slot, indices)| {
+                        let slot_keys: Vec<String> =
+                            indices.iter().map(|i| keys[*i].clone()).collect();
+                        let mut conn = conn.clone();
+                        async move {
+                            eval_in_slot::<P>(&mut conn, script, *slot, &slot_keys, args).await
+                        }
+                    });
+                let answers = futures_util::future::try_join_all(calls).await?;
+                combine_in_key_order(keys.len(), &groups, answers).map(combine)
+            }
+        }
+    }
+}
+
+fn invocation<'a>(
+    script: &'a Script,
+    keys: &[String],
+    args: &[String],
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    for a in args {
+        inv.arg(a);
+    }
+    inv
+}
+
+/// The keys' indices grouped by hash slot, each group in key order, groups in order of
+/// their first key.
+fn group_by_slot(keys: &[String]) -> Vec<(Slot, Vec<usize>)> {
+    let mut order: Vec<(Slot, Vec<usize>)> = Vec::new();
+    let mut at: HashMap<Slot, usize> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot = Slot::for_key(key.as_bytes());
+        match at.get(&slot) {
+            Some(g) => order[*g].1.push(i),
+            None => {
+                at.insert(slot, order.len());
+                order.push((slot, vec![i]));
+            }
+        }
+    }
+    order
+}
+
+/// One script call over keys of one slot. The script is loaded on that slot's master
+/// alone when it is missing there, then the call is repeated once.
+async fn eval_in_slot<P: redis::FromRedisValue>(
+    conn: &mut ClusterConnection,
+    script: &LuaScript,
+    slot: Slot,
+    keys: &[String],
+    args: &[String],
+) -> Result<Answer<P>, LockError> {
+    let mut evalsha = redis::cmd("EVALSHA");
+    evalsha
+        .arg(script.script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+    match evalsha.query_async::<redis::Value>(conn).await {
+        Ok(v) => Ok(Answer::parse(v)?),
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script.code);
+            conn.route_command(
+                load,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
+                    slot,
+                    SlotAddr::Master,
+                ))),
+            )
+            .await?;
+            let v = evalsha.query_async::<redis::Value>(conn).await?;
+            Ok(Answer::parse(v)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One slot's answer: a list of per-key flags (acquire) or one count (release).
+enum Answer<P> {
+    PerKey(Vec<P>),
+    Total(P),
+}
+
+impl<P: redis::FromRedisValue> Answer<P> {
+    fn parse(v: redis::Value) -> redis::RedisResult<Self> {
+        match v {
+            redis::Value::Array(items) => items
+                .into_iter()
+                .map(P::from_redis_value)
+                .collect::<Result<Vec<P>, _>>()
+                .map(Self::PerKey)
+                .map_err(Into::into),
+            other => Ok(Self::Total(P::from_redis_value(other)?)),
+        }
+    }
+}
+
+/// Puts per-slot answers back in key order (per-key answers), or collects the per-slot
+/// totals (one count each).
+fn combine_in_key_order<P: Default + Clone>(
+    n_keys: usize,
+    groups: &[(Slot, Vec<usize>)],
+    answers: Vec<Answer<P>>,
+) -> Result<Vec<P>, LockError> {
+    let mut per_key: Option<Vec<P>> = None;
+    let mut totals = Vec::new();
+    for ((_, indices), answer) in groups.iter().zip(answers) {
+        match answer {
+            Answer::PerKey(values) => {
+                if values.len() != indices.len() {
+                    return Err(LockError::Redis(redis::RedisError::from((
+                        ErrorKind::Parse,
+                        "lock script answered for a different number of keys",
+                    ))));
+                }
+                let out = per_key.get_or_insert_with(|| vec![P::default(); n_keys]);
+                for (i, v) in indices.iter().zip(values) {
+                    out[*i] = v;
+                }
+            }
+            Answer::Total(v) => totals.push(v),
+        }
+    }
+    Ok(per_key.unwrap_or(totals))
+}
+
+/// The master a set of Sentinels names, and a connection to it kept until it fails.
+struct SentinelMaster {
+    sentinels: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    config: AsyncConnectionConfig,
+}
+
+impl SentinelMaster {
+    fn new(settings: &RedisSettings) -> Result<Self, LockError> {
+        // The master's credentials and database come from redis.url.
+        let master = settings
+            .url
+            .expose_secret()
+            .into_connection_info()?
+            .redis_settings()
+            .clone();
+        let nodes: Vec<String> = settings
+            .nodes
+            .iter()
+            .map(|n| n.expose_secret().to_owned())
+            .collect();
+        let sentinels = SentinelClient::build(
+            nodes,
+            settings.sentinel_master.clone(),
+            Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(master)),
+            SentinelServerType::Master,
+        )?;
+        Ok(Self {
+            sentinels: tokio::sync::Mutex::new(sentinels),
+            current: std::sync::Mutex::new(None),
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(settings.timeout()))
+                .set_response_timeout(Some(settings.timeout())),
+        })
+    }
+
+    fn cached(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// The connection to the current master, asking the Sentinels when there is none.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), LockError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        // One lookup at a time; whoever waited finds the fresh connection.
+        let mut sentinels = self.sentinels.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let client = sentinels.async_get_client().await?;
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some((generation, conn.clone()));
+        }
+        Ok((generation, conn))
+    }
+
+    /// Drops the connection of `generation` (a newer one, made meanwhile, stays).
+    fn forget(&self, generation: u64) {
+        if let Ok(mut current) = self.current.lock()
+            && current.as_ref().is_some_and(|(g, _)| *g == generation)
+        {
+            *current = None;
+        }
+    }
+
+    /// The node we talk to answers `ROLE` as master.
+    async fn check_role(&self) -> Result<(), LockError> {
+        let (generation, mut conn) = self.connection().await?;
+        match redis::cmd("ROLE")
+            .query_async::<redis::Role>(&mut conn)
+            .await
+        {
+            Ok(redis::Role::Primary { .. }) => Ok(()),
+            Ok(_) => {
+                self.forget(generation);
+                Err(LockError::Redis(redis::RedisError::from((
+                    ErrorKind::Server(ServerErrorKind::ReadOnly),
+                    "the node the Sentinels named is no longer a master",
+                ))))
+            }
+            Err(e) => {
+                self.forget(generation);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_grouped_by_slot_in_key_order() {
+        let keys: Vec<String> = (0..500).map(|i| format!("p:lock:individual:{i}")).collect();
+        let groups = group_by_slot(&keys);
+        let mut seen: Vec<usize> = groups.iter().flat_map(|(_, ix)| ix.clone()).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..500).collect::<Vec<_>>());
+        for (slot, ix) in &groups {
+            assert!(ix.windows(2).all(|w| w[0] < w[1]));
+            assert!(
+                ix.iter()
+                    .all(|i| Slot::for_key(keys[*i].as_bytes()) == *slot)
+            );
+        }
+        // Untagged keys spread: 500 keys land in (nearly) 500 slots.
+        assert!(groups.len() > 450, "{}", groups.len());
+        // A hash tag would pin them all to one slot.
+        let tagged: Vec<String> = (0..50).map(|i| format!("{{p}}:lock:{i}")).collect();
+        assert_eq!(group_by_slot(&tagged).len(), 1);
+    }
+
+    #[test]
+    fn per_slot_answers_go_back_in_key_order() {
+        let keys: Vec<String> = (0..40)
+            .map(|i| format!("p:lock:sales_record:{i}"))
+            .collect();
+        let groups = group_by_slot(&keys);
+        // Each slot answers "held" for even key indices.
+        let answers: Vec<Answer<i64>> = groups
+            .iter()
+            .map(|(_, ix)| Answer::PerKey(ix.iter().map(|i| i64::from(*i % 2 == 0)).collect()))
+            .collect();
+        let held = combine_in_key_order(keys.len(), &groups, answers).unwrap();
+        assert_eq!(
+            held,
+            (0..40).map(|i| i64::from(i % 2 == 0)).collect::<Vec<_>>()
+        );
+        let totals: Vec<Answer<usize>> = groups
+            .iter()
+            .map(|(_, ix)| Answer::Total(ix.len()))
+            .collect();
+        let sum: usize = combine_in_key_order(keys.len(), &groups, totals)
+            .unwrap()
+            .into_iter()
+            .sum();
+        assert_eq!(sum, 40);
     }
 }
