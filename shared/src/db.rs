@@ -3,9 +3,36 @@
 //! bulkops' hot paths are set-based SQL statements with array parameters; [`stmt`] builds
 //! them, and sqlx prepares and caches each distinct statement per connection. Statement
 //! logging is off: at INFO it costs CPU on every statement and fills logs.
+//!
+//! # Only the primary, directly or through PgBouncer in session mode
+//! Every pooled connection must reach a writable primary. A connection is checked when it
+//! is made and each time it is taken from the pool (`SHOW transaction_read_only`, one
+//! round trip, in place of sqlx's ping): one that lands on a standby, or stays with a
+//! primary that was demoted or fenced read-only after a failover, is closed and a new one
+//! made through `database.url` (the VIP or proxy that follows the primary). While none can
+//! be made the pool times out, which every caller treats as a database outage and waits
+//! out. A statement that still meets a read-only server (SQLSTATE 25006, the node changed
+//! role under an open connection) is transient: it is retried and its connection, back in
+//! the pool, fails the check and is replaced.
+//!
+//! Session settings (`statement_timeout`, `extra_float_digits`) are set with one `SET` right
+//! after connecting, not in the startup packet: PgBouncer refuses the startup parameters
+//! `options` and `extra_float_digits` ("unsupported startup parameter") unless told to
+//! ignore them, and ignoring `options` would silently drop the timeout.
+//!
+//! PgBouncer must pool in **session** mode. sqlx (0.9, under sea-orm 2) prepares every
+//! statement with parameters in one protocol round (Parse, Describe, Sync) and runs it in the
+//! next (Bind, Execute, Sync); in transaction mode PgBouncer may give those two rounds to
+//! different server connections, whatever the statement cache size: with the cache on, a
+//! statement prepared on one server is run on another ("prepared statement sqlx_s_N does
+//! not exist"); with it off, sqlx still names each statement and never closes it, so the
+//! next client on that server collides with the name ("already exists"). PgBouncer 1.21+
+//! tracks named statements itself (`max_prepared_statements`); Debian bookworm's 1.18 does
+//! not. See `docs/OPERATIONS.md` for the PgBouncer settings bulkops is tested with.
 
 use std::time::Duration;
 
+use sea_orm::sqlx::{self, Row};
 use sea_orm::{ConnectOptions, DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value};
 use secrecy::ExposeSecret;
 
@@ -25,16 +52,58 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .idle_timeout(Duration::from_secs(300))
         .connect_lazy(true)
         .sqlx_logging(false);
-    let statement_timeout = settings.statement_timeout_ms;
-    opts.map_sqlx_postgres_opts(move |o| {
-        let o = o.application_name("bulkops");
-        if statement_timeout > 0 {
-            o.options([("statement_timeout", format!("{statement_timeout}ms"))])
-        } else {
-            o
-        }
+    opts.map_sqlx_postgres_opts(|o| o.application_name("bulkops").extra_float_digits(None));
+    let session = session_setup_sql(settings.statement_timeout_ms);
+    opts.map_sqlx_postgres_pool_opts(move |pool| {
+        let session = session.clone();
+        pool.after_connect(move |conn, _| {
+            let session = session.clone();
+            Box::pin(async move {
+                let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(session))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                if read_only(rows.last()) {
+                    return Err(not_the_primary());
+                }
+                Ok(())
+            })
+        })
+        // Replaces sqlx's ping on every acquire (a round trip either way).
+        .test_before_acquire(false)
+        .before_acquire(|conn, _| {
+            Box::pin(async move {
+                let row = sqlx::raw_sql(sqlx::AssertSqlSafe(READ_ONLY_CHECK))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(!read_only(row.as_ref()))
+            })
+        })
     });
     sea_orm::Database::connect(opts).await
+}
+
+const READ_ONLY_CHECK: &str = "SHOW transaction_read_only";
+
+/// The session settings and the primary check, sent as one simple query after connecting.
+fn session_setup_sql(statement_timeout_ms: u64) -> String {
+    // Integer milliseconds: nothing here comes from outside the typed configuration.
+    format!(
+        "SET statement_timeout = {statement_timeout_ms}; SET extra_float_digits = 3; {READ_ONLY_CHECK}"
+    )
+}
+
+/// Whether a `SHOW transaction_read_only` row says the server cannot take writes (a
+/// standby in recovery, or a primary fenced with `default_transaction_read_only`).
+fn read_only(row: Option<&sqlx::postgres::PgRow>) -> bool {
+    row.and_then(|r| r.try_get::<String, _>(0).ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("on"))
+}
+
+fn not_the_primary() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        "the server is read-only (a standby, or a demoted primary); bulkops needs the primary",
+    ))
 }
 
 /// A PostgreSQL statement with positional (`$n`) parameters.
@@ -58,13 +127,14 @@ pub fn sqlstate(err: &DbErr) -> Option<String> {
 }
 
 /// Whether an error is worth retrying: the connection dropped, the pool or the server
-/// timed out, the server is restarting, or the transaction lost a deadlock or
-/// serialization race. Everything else (constraint violations, bad SQL) is permanent.
+/// timed out, the server is restarting or is no longer the primary (a failover), or the
+/// transaction lost a deadlock or serialization race. Everything else (constraint violations, bad SQL) is permanent.
 pub fn is_transient(err: &DbErr) -> bool {
     if let Some(code) = sqlstate(err) {
         return matches!(
             code.as_str(),
-            "40001" // serialization_failure
+            "25006" // read_only_sql_transaction: a standby or demoted primary answered
+                | "40001" // serialization_failure
                 | "40P01" // deadlock_detected
                 | "55P03" // lock_not_available
                 | "57014" // query_canceled (statement_timeout)

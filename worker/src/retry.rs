@@ -71,7 +71,8 @@ impl Failure {
                     || c.starts_with("db_08")
                     || matches!(
                         c.as_str(),
-                        "db_57P01" | "db_57P02" | "db_57P03" | "db_53300"
+                        // 25006: a standby or demoted primary answered (a failover).
+                        "db_57P01" | "db_57P02" | "db_57P03" | "db_53300" | "db_25006"
                     )
             }
             _ => false,
@@ -179,7 +180,14 @@ mod tests {
 
     #[test]
     fn outages_are_told_apart_from_unlucky_moments() {
-        for c in ["redis", "db_connection", "db_08006", "db_57P01", "db_57P03"] {
+        for c in [
+            "redis",
+            "db_connection",
+            "db_08006",
+            "db_57P01",
+            "db_57P03",
+            "db_25006",
+        ] {
             assert!(Failure::Transient(c.into()).is_outage(), "{c}");
         }
         for c in ["db_40P01", "db_40001", "lock_contention", "db_57014"] {
