@@ -135,7 +135,7 @@ impl LuaScript {
 #[derive(Clone)]
 enum Backend {
     Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterLink>),
     Sentinel(Arc<SentinelMaster>),
 }
 
@@ -172,26 +172,7 @@ impl Locks {
                     .set_max_delay(Duration::from_secs(2));
                 Backend::Standalone(ConnectionManager::new_lazy_with_config(client, config)?)
             }
-            RedisMode::Cluster => {
-                let nodes: Vec<&str> = settings.nodes.iter().map(|n| n.expose_secret()).collect();
-                let client = redis::cluster::ClusterClientBuilder::new(nodes)
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .overall_response_timeout(Some(timeout))
-                    // Retries (after MOVED, ASK, TRYAGAIN or a reconnect) fit within one
-                    // call's timeout; the caller waits out anything longer.
-                    .retries(3)
-                    .min_retry_wait(20)
-                    .max_retry_wait(500)
-                    .build()?;
-                Backend::Cluster(
-                    client.get_pending_async_connection_with_config(
-                        redis::cluster::ClusterConfig::new()
-                            .set_connection_timeout(timeout)
-                            .set_response_timeout(timeout),
-                    ),
-                )
-            }
+            RedisMode::Cluster => Backend::Cluster(Arc::new(ClusterLink::new(settings)?)),
             RedisMode::Sentinel => Backend::Sentinel(Arc::new(SentinelMaster::new(settings)?)),
         };
         Ok(Self {
@@ -270,22 +251,31 @@ impl Locks {
     /// # Errors
     /// When Redis does not answer, or the node answering is not a master.
     pub async fn ping(&self) -> Result<(), LockError> {
-        self.bounded(async {
-            match &self.backend {
-                Backend::Standalone(conn) => {
-                    let mut conn = conn.clone();
-                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        let result = self
+            .bounded(async {
+                match &self.backend {
+                    Backend::Standalone(conn) => {
+                        let mut conn = conn.clone();
+                        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                    }
+                    Backend::Cluster(link) => {
+                        let (generation, mut conn) = link.connection();
+                        // The cluster client sends PING to every master and fails unless all answer.
+                        if let Err(e) = redis::cmd("PING").query_async::<()>(&mut conn).await {
+                            link.replace_if_stuck(generation);
+                            return Err(e.into());
+                        }
+                    }
+                    Backend::Sentinel(master) => master.check_role().await?,
                 }
-                Backend::Cluster(conn) => {
-                    let mut conn = conn.clone();
-                    // The cluster client sends PING to every master and fails unless all answer.
-                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
-                }
-                Backend::Sentinel(master) => master.check_role().await?,
-            }
-            Ok(())
-        })
-        .await
+                Ok(())
+            })
+            .await;
+        if let (Err(LockError::Timeout(_)), Backend::Cluster(link)) = (&result, &self.backend) {
+            // A PING that never came back: the client itself may be stuck.
+            link.replace_if_stuck(link.connection().0);
+        }
+        result
     }
 
     async fn bounded<T>(
@@ -330,7 +320,8 @@ impl Locks {
                 }
                 Ok(result?)
             }
-            Backend::Cluster(conn) => {
+            Backend::Cluster(link) => {
+                let (_, conn) = link.connection();
                 let groups = group_by_slot(keys);
                 let calls =
                     groups.iter().map(|(slot, indices)| {
@@ -463,6 +454,80 @@ fn combine_in_key_order<P: Default + Clone>(
         }
     }
     Ok(per_key.unwrap_or(totals))
+}
+
+/// The cluster client and the connection made from it.
+///
+/// The crate's cluster connection heals itself (slot refreshes, reconnects), but redis 1.8.1
+/// can wedge for good when a master dies under load: requests queued on its topology lock
+/// while a slot refresh holds it are granted the lock without being polled, and the next
+/// refresh waits for them for ever (seen in this project's cluster suite). A connection
+/// whose `PING` keeps failing is therefore replaced by a fresh one from the seed nodes,
+/// at most once per [`ClusterLink::REBUILD_AFTER`]; during a real outage the fresh one
+/// simply waits for the nodes like the old one did.
+struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    config: redis::cluster::ClusterConfig,
+    current: std::sync::Mutex<(u64, std::time::Instant, ClusterConnection)>,
+}
+
+impl ClusterLink {
+    /// How long a connection must have existed before a failed `PING` replaces it (long
+    /// enough for a fresh one to find the slots).
+    const REBUILD_AFTER: Duration = Duration::from_secs(5);
+
+    fn new(settings: &RedisSettings) -> Result<Self, LockError> {
+        let timeout = settings.timeout();
+        let nodes: Vec<&str> = settings.nodes.iter().map(|n| n.expose_secret()).collect();
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .overall_response_timeout(Some(timeout))
+            // Retries (after MOVED, ASK, TRYAGAIN or a reconnect) fit within one call's
+            // timeout; the caller waits out anything longer.
+            .retries(3)
+            .min_retry_wait(20)
+            .max_retry_wait(500)
+            .build()?;
+        let config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout);
+        let conn = client.get_pending_async_connection_with_config(config.clone());
+        Ok(Self {
+            client,
+            config,
+            current: std::sync::Mutex::new((1, std::time::Instant::now(), conn)),
+        })
+    }
+
+    /// The current connection and its generation.
+    fn connection(&self) -> (u64, ClusterConnection) {
+        match self.current.lock() {
+            Ok(c) => (c.0, c.2.clone()),
+            Err(poisoned) => {
+                let c = poisoned.into_inner();
+                (c.0, c.2.clone())
+            }
+        }
+    }
+
+    /// Replaces the connection of `generation` with a fresh one, unless it is younger than
+    /// [`ClusterLink::REBUILD_AFTER`] or was replaced already.
+    fn replace_if_stuck(&self, generation: u64) {
+        let Ok(mut current) = self.current.lock() else {
+            return;
+        };
+        if current.0 != generation || current.1.elapsed() < Self::REBUILD_AFTER {
+            return;
+        }
+        tracing::warn!(
+            "the Redis Cluster connection keeps failing; connecting afresh from the seed nodes"
+        );
+        let conn = self
+            .client
+            .get_pending_async_connection_with_config(self.config.clone());
+        *current = (generation + 1, std::time::Instant::now(), conn);
+    }
 }
 
 /// The master a set of Sentinels names, and a connection to it kept until it fails.
