@@ -13,17 +13,21 @@
 //! - [`events`]: captured workflow events.
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
-//! - [`proxy`]: a fault-injecting TCP proxy.
+//! - [`proxy`]: a fault-injecting TCP proxy (and the switch a failover test repoints).
 //! - [`scenario`]: the skeleton fault and cluster scenarios share (worlds, waits, tallies).
 //! - [`services`]: PostgreSQL, RabbitMQ and Redis instances a test starts (and restarts) itself.
+//! - [`redis_cluster`]: a Redis Cluster (3 masters, 3 replicas) and a Sentinel setup.
+//! - [`pg_cluster`]: PgBouncer, and a PostgreSQL primary/standby pair behind a switch.
 
 pub mod api;
 pub mod check;
 pub mod env;
 pub mod events;
 pub mod fixture;
+pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod scenario;
 pub mod services;
 

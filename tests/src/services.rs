@@ -14,7 +14,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn wait_port(port: u16, within: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_port(port: u16, within: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     while started.elapsed() < within {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -28,11 +28,11 @@ async fn wait_port(port: u16, within: Duration) -> anyhow::Result<()> {
     bail!("nothing listens on port {port} after {within:?}")
 }
 
-fn scratch_dir(kind: &str) -> PathBuf {
+pub(crate) fn scratch_dir(kind: &str) -> PathBuf {
     std::env::temp_dir().join(format!("bulkops-{kind}-{}", uuid::Uuid::new_v4().simple()))
 }
 
-fn chown(path: &std::path::Path, user: &str) -> anyhow::Result<()> {
+pub(crate) fn chown(path: &std::path::Path, user: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("chown")
         .args(["-R", &format!("{user}:{user}"), &path.to_string_lossy()])
         .status()?;
@@ -127,13 +127,13 @@ impl RedisInstance {
 pub struct PgInstance {
     /// Its port.
     pub port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
+    pub(crate) dir: PathBuf,
+    pub(crate) child: Option<Child>,
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql";
 
-fn pg_bin(tool: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn pg_bin(tool: &str) -> anyhow::Result<PathBuf> {
     let mut versions: Vec<_> = std::fs::read_dir(PG_BIN)?
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -192,7 +192,7 @@ impl PgInstance {
         format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
 
-    async fn up(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn up(&mut self) -> anyhow::Result<()> {
         let child = Command::new("setpriv")
             .args([
                 "--reuid",
