@@ -1,1 +1,340 @@
-//! Cluster scenarios: redis (see main.rs).
+//! Redis Cluster and Sentinel: the lock client against real clustered Redis, then real
+//! batches on healthy and failing ones.
+
+use std::time::{Duration, Instant};
+
+use bulkops_shared::config::{RedisMode, Settings, Sources};
+use bulkops_shared::lock::{LockTarget, Locks};
+use bulkops_tests::TestEnv;
+use bulkops_tests::api::{Api, token};
+use bulkops_tests::redis_cluster::{RedisCluster, SENTINEL_MASTER, SentinelSet, cli};
+use bulkops_tests::scenario::{
+    assert_mid_batch, convert_world, create_world, finish_convert, finish_create, record_to,
+    runs_from, wait_done,
+};
+use serde_json::json;
+
+fn lock_settings(mode: RedisMode, nodes: &str) -> bulkops_shared::config::RedisSettings {
+    let sources = Sources {
+        env: [
+            ("BULKOPS__REDIS__MODE".to_owned(), mode.as_str().to_owned()),
+            ("BULKOPS__REDIS__NODES".to_owned(), nodes.to_owned()),
+            (
+                "BULKOPS__REDIS__SENTINEL_MASTER".to_owned(),
+                SENTINEL_MASTER.to_owned(),
+            ),
+            (
+                "BULKOPS__REDIS__PREFIX".to_owned(),
+                format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        ..Sources::default()
+    };
+    Settings::load_from(&sources).expect("settings").redis
+}
+
+/// Waits (bounded) until the locks answer again after a failover.
+async fn wait_ready(locks: &Locks) {
+    let started = Instant::now();
+    loop {
+        match locks.ping().await {
+            Ok(()) => return,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "locks never came back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Takes, contends for and releases a chunk's worth of locks spread over every slot.
+async fn exercise(locks: &Locks) {
+    let targets: Vec<LockTarget> = (1..=300)
+        .map(LockTarget::Individual)
+        .chain((1..=200).map(LockTarget::SalesRecord))
+        .collect();
+    let ttl = Duration::from_secs(30);
+    let (a, b) = (Locks::new_token(), Locks::new_token());
+    let held = locks.acquire(&a, &targets, ttl).await.expect("acquire");
+    assert_eq!(held.len(), targets.len());
+    assert!(held.iter().all(|h| *h), "a free lock is taken");
+    // Re-entrant for its holder, refused to anyone else, key by key.
+    let again = locks.acquire(&a, &targets, ttl).await.expect("re-acquire");
+    assert!(again.iter().all(|h| *h));
+    let mixed: Vec<LockTarget> = targets[..10]
+        .iter()
+        .copied()
+        .chain((1001..=1010).map(LockTarget::Individual))
+        .collect();
+    let other = locks.acquire(&b, &mixed, ttl).await.expect("contend");
+    assert_eq!(
+        other,
+        [vec![false; 10], vec![true; 10]].concat(),
+        "answers come back in key order"
+    );
+    // Release deletes only the holder's own locks.
+    assert_eq!(locks.release(&b, &targets).await.expect("release other"), 0);
+    assert_eq!(
+        locks.release(&a, &targets).await.expect("release"),
+        targets.len()
+    );
+    assert_eq!(locks.release(&b, &mixed).await.expect("release b"), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_follow_a_redis_cluster_through_a_failover() {
+    let mut cluster = RedisCluster::start().await.expect("redis cluster");
+    let locks =
+        Locks::connect(&lock_settings(RedisMode::Cluster, &cluster.seeds())).expect("locks");
+    wait_ready(&locks).await;
+    exercise(&locks).await;
+    // Scripts flushed everywhere (as on a fresh or promoted node): NOSCRIPT is handled.
+    for (port, _) in cluster.masters().await.expect("masters") {
+        cli(port, &["script", "flush"]).await.expect("flush");
+    }
+    exercise(&locks).await;
+    // Keep calls going through the failover: the client must not wedge mid-transition.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (locks, stop) = (locks.clone(), stop.clone());
+        tokio::spawn(async move {
+            let targets: Vec<LockTarget> = (5000..5200).map(LockTarget::Individual).collect();
+            let (mut ok, mut failed) = (0_u32, 0_u32);
+            while !stop.is_cancelled() {
+                let t = Locks::new_token();
+                match locks.acquire(&t, &targets, Duration::from_secs(5)).await {
+                    Ok(_) => {
+                        ok += 1;
+                        let _ = locks.release(&t, &targets).await;
+                    }
+                    Err(_) => {
+                        failed += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dead = cluster.kill_a_master().await.expect("kill");
+    cluster
+        .wait_failover_from(dead, Duration::from_secs(60))
+        .await
+        .expect("failover");
+    wait_ready(&locks).await;
+    exercise(&locks).await;
+    stop.cancel();
+    let (ok, _) = load.await.expect("load");
+    assert!(ok > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_follow_the_sentinels_through_failovers() {
+    let mut set = SentinelSet::start().await.expect("sentinels");
+    let locks = Locks::connect(&lock_settings(RedisMode::Sentinel, &set.nodes())).expect("locks");
+    wait_ready(&locks).await;
+    exercise(&locks).await;
+    // A manual failover demotes the master under our connection…
+    set.failover().await.expect("manual failover");
+    wait_ready(&locks).await;
+    exercise(&locks).await;
+    // …a crash kills it.
+    set.kill_master().await.expect("crash failover");
+    wait_ready(&locks).await;
+    exercise(&locks).await;
+}
+
+// ---- Real batches on clustered Redis --------------------------------------------------
+
+const CREATE_ITEMS: i64 = 3000;
+const CONVERT_ITEMS: i64 = 2000;
+
+/// How many times each scenario runs (`CLUSTER_RUNS`, default 1).
+pub(crate) fn runs() -> usize {
+    runs_from("CLUSTER_RUNS")
+}
+
+/// Appends a scenario's tally to the cluster suite's results and asserts it is clean.
+pub(crate) fn record(fault: &str, tally: bulkops_tests::check::Tally) {
+    record_to("cluster.jsonl", fault, tally);
+}
+
+/// A lost node is waited out, never failed: no item of the batch ended `failed`.
+pub(crate) async fn assert_none_failed(env: &TestEnv, batch: i64) {
+    let failed = env
+        .count(&format!(
+            "SELECT n_failed::bigint FROM bulk_batches WHERE id = {batch}"
+        ))
+        .await;
+    assert_eq!(failed, 0, "items of batch {batch} failed");
+}
+
+/// The producer and `workers` workers; returns the producer's API and every process's
+/// health endpoint (the producer's API serves /readyz too).
+pub(crate) async fn start_processes(env: &TestEnv, workers: usize) -> (Api, Vec<Api>) {
+    let (_, api) = env.start_producer().await.expect("producer");
+    let mut probes = vec![api.clone()];
+    for _ in 0..workers {
+        let w = env.start_worker().await.expect("worker");
+        let addr = w.lock().await.addr.clone().expect("metrics address");
+        probes.push(Api::new(&format!("http://{addr}")));
+    }
+    (api, probes)
+}
+
+/// Waits until every process's /readyz says 200 (bounded: a process that never becomes
+/// ready again fails the test).
+pub(crate) async fn wait_all_ready(probes: &[Api]) {
+    for probe in probes {
+        let started = Instant::now();
+        loop {
+            let r = probe
+                .send(reqwest::Method::GET, "/readyz", None, None, &[])
+                .await;
+            if matches!(&r, Ok(r) if r.status == reqwest::StatusCode::OK) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} stays unready: {r:?}",
+                probe.base
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn on_redis_cluster(env: &TestEnv, cluster: &RedisCluster) {
+    env.set("BULKOPS__REDIS__MODE", "cluster").await;
+    env.set("BULKOPS__REDIS__NODES", cluster.seeds()).await;
+    // Small chunks: many lock calls, and the fault lands mid-work.
+    env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+}
+
+async fn on_sentinels(env: &TestEnv, set: &SentinelSet) {
+    env.set("BULKOPS__REDIS__MODE", "sentinel").await;
+    env.set("BULKOPS__REDIS__NODES", set.nodes()).await;
+    env.set("BULKOPS__REDIS__SENTINEL_MASTER", SENTINEL_MASTER)
+        .await;
+    env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+}
+
+async fn start_create(env: &TestEnv, workers: usize) -> (i64, Vec<Api>) {
+    let w = create_world(env, CREATE_ITEMS).await;
+    let (api, probes) = start_processes(env, workers).await;
+    wait_all_ready(&probes).await;
+    let batch = api
+        .bulk_create(
+            &w.token(),
+            &json!({"filter": {}, "record_type_id": w.record_type}),
+        )
+        .await
+        .expect("bulk create");
+    (batch, probes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_create_on_a_healthy_redis_cluster() {
+    for _ in 0..runs() {
+        let cluster = RedisCluster::start().await.expect("redis cluster");
+        let env = TestEnv::new("c_rc_create").await.expect("env");
+        on_redis_cluster(&env, &cluster).await;
+        let (batch, _) = start_create(&env, 3).await;
+        let tally = finish_create(&env, batch).await;
+        assert_none_failed(&env, batch).await;
+        record("Redis Cluster (3+3), healthy: bulk create", tally);
+        env.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_master_killed_mid_conversion() {
+    for _ in 0..runs() {
+        let mut cluster = RedisCluster::start().await.expect("redis cluster");
+        let env = TestEnv::new("c_rc_kill").await.expect("env");
+        on_redis_cluster(&env, &cluster).await;
+        env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
+        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
+            .await;
+        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
+        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let (api, probes) = start_processes(&env, 3).await;
+        wait_all_ready(&probes).await;
+        let batch = api
+            .convert(&token(admin, agency), &ids)
+            .await
+            .expect("convert");
+        let total = i64::try_from(ids.len()).unwrap_or(0);
+        wait_done(&env, batch, total / 3).await;
+        assert_mid_batch(&env, batch).await;
+        let dead = cluster.kill_a_master().await.expect("kill a master");
+        cluster
+            .wait_failover_from(dead, Duration::from_secs(60))
+            .await
+            .expect("a replica takes over");
+        // Every process finds the new master by itself.
+        wait_all_ready(&probes).await;
+        let tally = finish_convert(&env, batch, &before).await;
+        assert_none_failed(&env, batch).await;
+        record(
+            "Redis Cluster master SIGKILL mid-conversion (replica takes over)",
+            tally,
+        );
+        env.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_create_on_healthy_sentinels() {
+    for _ in 0..runs() {
+        let set = SentinelSet::start().await.expect("sentinels");
+        let env = TestEnv::new("c_sn_create").await.expect("env");
+        on_sentinels(&env, &set).await;
+        let (batch, _) = start_create(&env, 3).await;
+        let tally = finish_create(&env, batch).await;
+        assert_none_failed(&env, batch).await;
+        record(
+            "Redis Sentinel (1+1, 3 Sentinels), healthy: bulk create",
+            tally,
+        );
+        env.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failovers_mid_batch() {
+    for _ in 0..runs() {
+        let mut set = SentinelSet::start().await.expect("sentinels");
+        let env = TestEnv::new("c_sn_failover").await.expect("env");
+        on_sentinels(&env, &set).await;
+        env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
+        // A small queue window keeps the batch going through both failovers (each takes
+        // seconds; unthrottled, the batch takes about one).
+        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 100)
+            .await;
+        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 50).await;
+        let (batch, probes) = start_create(&env, 2).await;
+        // A manual failover (the master is demoted under the workers' connections)…
+        wait_done(&env, batch, CREATE_ITEMS / 5).await;
+        assert_mid_batch(&env, batch).await;
+        set.failover().await.expect("manual failover");
+        wait_all_ready(&probes).await;
+        // …then, once the Sentinels know the demoted node as the replica, the new master
+        // crashes and the old one takes over again.
+        set.ready_to_fail_over().await.expect("replica known");
+        assert_mid_batch(&env, batch).await;
+        set.kill_master().await.expect("crash failover");
+        wait_all_ready(&probes).await;
+        let tally = finish_create(&env, batch).await;
+        assert_none_failed(&env, batch).await;
+        record(
+            "Redis Sentinel failover mid-batch (manual, then master SIGKILL)",
+            tally,
+        );
+        env.finish().await;
+    }
+}
