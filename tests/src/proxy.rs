@@ -2,7 +2,9 @@
 //!
 //! It forwards bytes both ways and, on command: cuts every open connection, refuses new
 //! ones (the dependency is "down"), stalls all traffic (the dependency hangs), or cuts each
-//! connection after a number of bytes (a connection dropped mid-frame).
+//! connection after a number of bytes (a connection dropped mid-frame). It can also be
+//! repointed at another upstream, like a VIP or HAProxy after a failover: connections opened
+//! later go to the new upstream, open ones stay where they are unless cut.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +23,7 @@ pub struct FaultProxy {
 }
 
 struct State {
-    upstream: String,
+    upstream: std::sync::RwLock<String>,
     down: AtomicBool,
     stall: watch::Sender<bool>,
     /// Bytes each connection open at the last `cut_after_bytes` may still forward.
@@ -38,7 +40,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?.to_string();
         let (stall, _) = watch::channel(false);
         let state = Arc::new(State {
-            upstream: upstream.to_owned(),
+            upstream: std::sync::RwLock::new(upstream.to_owned()),
             down: AtomicBool::new(false),
             stall,
             cut_after: AtomicU64::new(0),
@@ -53,8 +55,9 @@ impl FaultProxy {
                     continue;
                 }
                 let st2 = st.clone();
+                let upstream = st.upstream.read().map(|u| u.clone()).unwrap_or_default();
                 let handle = tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(&st2.upstream).await {
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
                         pipe(client, server, st2).await;
                     }
                 });
@@ -81,6 +84,14 @@ impl FaultProxy {
         self.state.down.store(down, Ordering::SeqCst);
         if down {
             self.cut().await;
+        }
+    }
+
+    /// Sends connections opened from now on to `upstream` (`host:port`); open ones are
+    /// left alone (call [`FaultProxy::cut`] too for a switch that resets them).
+    pub fn switch_to(&self, upstream: &str) {
+        if let Ok(mut u) = self.state.upstream.write() {
+            *u = upstream.to_owned();
         }
     }
 
