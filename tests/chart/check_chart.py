@@ -25,6 +25,7 @@ Run through tests/chart/run.sh, which provides the pinned virtualenv.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import importlib.metadata
 import json
@@ -45,10 +46,11 @@ SECRET_ENV = {
     "database-url": "BULKOPS__DATABASE__URL",
     "amqp-url": "BULKOPS__AMQP__URL",
     "redis-url": "BULKOPS__REDIS__URL",
+    "redis-nodes": "BULKOPS__REDIS__NODES",
     "jwt-secret": "BULKOPS__AUTH__JWT_SECRET",
 }
 # Keys of config/default.toml the chart deliberately does not carry in its ConfigMap.
-SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("redis", "url")}
+SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("redis", "url"), ("redis", "nodes")}
 CHART_SET_KEYS = {("http", "bind"): "0.0.0.0:8080", ("metrics", "bind"): "0.0.0.0:9090"}
 
 
@@ -183,8 +185,22 @@ def validate_schemas(objs: list[dict], c: Checks) -> tuple[int, int]:
     return validated, skipped
 
 
+def redis_keys(values: dict) -> tuple[list[str], list[str]]:
+    """The Secret keys a program reaches Redis through, and those it may do without, by
+    config.redis.mode: standalone redis-url; cluster redis-nodes; sentinel redis-nodes plus
+    redis-url (the master's password and database) when given, optional with an existingSecret."""
+    mode = values["config"]["redis"].get("mode", "standalone")
+    if mode == "standalone":
+        return ["redis-url"], []
+    if mode == "cluster":
+        return ["redis-nodes"], []
+    if values.get("existingSecret"):
+        return ["redis-nodes"], ["redis-url"]
+    return (["redis-nodes", "redis-url"] if values["secrets"].get("redisUrl") else ["redis-nodes"]), []
+
+
 def check_pod(kind_name: str, pod: dict, c: Checks, *, secret: str, secret_keys: list[str],
-              config_map: str, probes: bool) -> None:
+              config_map: str, probes: bool, optional_keys: list[str] | None = None) -> None:
     spec = pod["spec"]
     psc = spec.get("securityContext") or {}
     c.check(psc.get("runAsNonRoot") is True, f"{kind_name}: pod runAsNonRoot")
@@ -211,6 +227,13 @@ def check_pod(kind_name: str, pod: dict, c: Checks, *, secret: str, secret_keys:
         for key in secret_keys:
             ref = ((env.get(SECRET_ENV[key]) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
             c.check(ref == {"name": secret, "key": key}, f"{where}: {SECRET_ENV[key]} from Secret {secret} key {key}")
+        for key in optional_keys or []:
+            ref = ((env.get(SECRET_ENV[key]) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            c.check(ref == {"name": secret, "key": key, "optional": True},
+                    f"{where}: {SECRET_ENV[key]} from Secret {secret} key {key}, optional")
+        from_secrets = {n for n, e in env.items() if "secretKeyRef" in (e.get("valueFrom") or {})}
+        c.check(from_secrets == {SECRET_ENV[k] for k in secret_keys + (optional_keys or [])},
+                f"{where}: exactly the secret variables it needs ({', '.join(sorted(from_secrets))})")
         for name, e in env.items():
             if name.startswith("BULKOPS__") and any(w in name for w in ("URL", "SECRET")):
                 c.check("value" not in e, f"{where}: {name} is not a literal value")
@@ -264,7 +287,9 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     # Workloads.
     deployments = by_kind(objects, "Deployment")
     c.check(set(deployments) == {producer, worker}, f"Deployments {producer} and {worker}")
-    for dname, keys in ((producer, list(SECRET_ENV)), (worker, ["database-url", "amqp-url", "redis-url"])):
+    redis_required, redis_optional = redis_keys(values)
+    for dname, keys in ((producer, ["database-url", "amqp-url", *redis_required, "jwt-secret"]),
+                        (worker, ["database-url", "amqp-url", *redis_required])):
         d = deployments.get(dname)
         if not d:
             continue
@@ -274,7 +299,8 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
                 f"{dname}: checksum/secret annotation exactly when the chart owns the Secret")
         sel = d["spec"]["selector"]["matchLabels"]
         c.check(sel.items() <= pod["metadata"]["labels"].items(), f"{dname}: selector matches its pod labels")
-        check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True)
+        check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True,
+                  optional_keys=redis_optional)
     c.check("replicas" not in deployments.get(worker, {}).get("spec", {}) if (hpa or keda) else True,
             f"{worker}: no fixed replicas while an autoscaler owns the count")
 
@@ -319,8 +345,14 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     if existing:
         c.check(not secrets, f"existingSecret={existing}: no Secret rendered")
     else:
-        c.check(set(secrets.get(fullname, {}).get("data", {})) == set(SECRET_ENV),
-                f"Secret {fullname} has keys {', '.join(SECRET_ENV)}")
+        want = {"database-url", "amqp-url", "jwt-secret"}
+        want |= {"redis-url"} if values["secrets"].get("redisUrl") else set()
+        want |= {"redis-nodes"} if values["secrets"].get("redisNodes") else set()
+        data = secrets.get(fullname, {}).get("data", {})
+        c.check(set(data) == want, f"Secret {fullname} has keys {', '.join(sorted(want))}")
+        if values["secrets"].get("redisNodes"):
+            c.check(base64.b64decode(data.get("redis-nodes", "")).decode() == ",".join(values["secrets"]["redisNodes"]),
+                    f"Secret {fullname} redis-nodes holds secrets.redisNodes, comma-separated")
 
     # Configuration.
     cms = by_kind(objects, "ConfigMap")
@@ -393,8 +425,10 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     kinds: dict[str, int] = {}
     for o in everything:
         kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
+    mode = values["config"]["redis"].get("mode", "standalone")
     return {"kinds": kinds, "keda": keda, "hpa": hpa, "monitor": monitor, "existing": bool(existing),
-            "ingress": values["ingress"]["enabled"], "objects": everything}
+            "ingress": values["ingress"]["enabled"], "redis_cluster": mode == "cluster",
+            "redis_sentinel": mode == "sentinel", "objects": everything}
 
 
 def expect_refusal(c: Checks, label: str, values: dict, needle: str) -> None:
@@ -414,7 +448,8 @@ def main() -> int:
         print("no values files in helm/bulkops/ci/")
         return 1
     summary = []
-    features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False}
+    features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False,
+                "redis_cluster": False, "redis_sentinel": False}
     total_valid = total_skipped = 0
     for path in files:
         override = yaml.safe_load(path.read_text()) or {}
@@ -458,6 +493,16 @@ def main() -> int:
     expect_refusal(c, "min_connections above max_connections",
                    merge(creds, {"config": {"database": {"min_connections": 20}}}), "min_connections")
     expect_refusal(c, "an unknown config key", merge(creds, {"config": {"worker": {"chunksize": 5}}}), "chunksize")
+    expect_refusal(c, "an unknown Redis mode", merge(creds, {"config": {"redis": {"mode": "galaxy"}}}), "mode")
+    expect_refusal(c, "Redis Cluster mode without nodes", merge(creds, {"config": {"redis": {"mode": "cluster"}}}),
+                   "secrets.redisNodes must list the seed nodes")
+    expect_refusal(c, "Sentinel mode without Sentinels", merge(creds, {"config": {"redis": {"mode": "sentinel"}}}),
+                   "secrets.redisNodes must list the Sentinels")
+    expect_refusal(c, "Redis nodes in standalone mode", merge(creds, {"secrets": {"redisNodes": ["redis://r0:6379"]}}),
+                   "config.redis.mode is standalone")
+    expect_refusal(c, "a Redis node that is no redis:// URL",
+                   merge(creds, {"config": {"redis": {"mode": "cluster"}}, "secrets": {"redisNodes": ["http://r0:6379"]}}),
+                   "redisNodes")
 
     versions = {p: importlib.metadata.version(p) for p in ("helm-sdkpy", "kubernetes-validate", "PyYAML")}
     print()
@@ -468,7 +513,8 @@ def main() -> int:
     for line in summary:
         print(f"  {line}")
     print(f"  refusals: misspelt value key, missing secrets, worker grace period <= 30 s, "
-          f"min_connections > max_connections, unknown config key")
+          f"min_connections > max_connections, unknown config key, unknown Redis mode, cluster/sentinel "
+          f"mode without nodes, nodes in standalone mode, a node that is no redis:// URL")
     print(f"  {total_valid} objects schema-validated, {total_skipped} CRD objects (ServiceMonitor, ScaledObject, "
           f"TriggerAuthentication) not schema-validated (no schemas shipped for them)")
     print(f"{c.passed} passed, {len(c.failures)} failed")

@@ -99,7 +99,52 @@ The Secret keys and the environment variables they become (CONTRACT section 5).
 database-url: BULKOPS__DATABASE__URL
 amqp-url: BULKOPS__AMQP__URL
 redis-url: BULKOPS__REDIS__URL
+redis-nodes: BULKOPS__REDIS__NODES
 jwt-secret: BULKOPS__AUTH__JWT_SECRET
+{{- end }}
+
+{{/*
+The Secret keys through which a program reaches Redis, by config.redis.mode, as a YAML
+list: standalone, redis-url; cluster, redis-nodes; sentinel, redis-nodes and (when given)
+redis-url for the master's password and database. Keys in "optional" may be missing from
+an existingSecret.
+*/}}
+{{- define "bulkops.redisSecretKeys" -}}
+{{- $mode := .Values.config.redis.mode | default "standalone" }}
+{{- if eq $mode "standalone" }}
+required: [redis-url]
+optional: []
+{{- else if eq $mode "cluster" }}
+required: [redis-nodes]
+optional: []
+{{- else if .Values.existingSecret }}
+required: [redis-nodes]
+optional: [redis-url]
+{{- else if .Values.secrets.redisUrl }}
+required: [redis-nodes, redis-url]
+optional: []
+{{- else }}
+required: [redis-nodes]
+optional: []
+{{- end }}
+{{- end }}
+
+{{/*
+The secret keys a program needs (.keys, a list, with "redis" standing for the Redis keys
+of the mode) and the ones it may do without, as (dict "secretKeys" LIST "optionalSecretKeys" LIST).
+Called with (dict "root" $ "keys" (list ...)).
+*/}}
+{{- define "bulkops.secretKeys" -}}
+{{- $redis := include "bulkops.redisSecretKeys" .root | fromYaml }}
+{{- $keys := list }}
+{{- range .keys }}
+{{- if eq . "redis" }}
+{{- $keys = concat $keys $redis.required }}
+{{- else }}
+{{- $keys = append $keys . }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "secretKeys" $keys "optionalSecretKeys" (ternary $redis.optional (list) (has "redis" .keys))) }}
 {{- end }}
 
 {{/*
@@ -116,6 +161,14 @@ variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...) 
     secretKeyRef:
       name: {{ $.secretName }}
       key: {{ . }}
+{{- end }}
+{{- range .optionalSecretKeys }}
+- name: {{ get $names . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.secretName }}
+      key: {{ . }}
+      optional: true
 {{- end }}
 {{- with .extraEnv }}
 {{ toYaml . }}
@@ -180,11 +233,18 @@ periods are held above the 29 s drain limit by the schema.)
 {{- if gt (int .Values.config.database.min_connections) (int .Values.config.database.max_connections) }}
 {{- fail "config.database.min_connections must not exceed config.database.max_connections" }}
 {{- end }}
+{{- $redisMode := .Values.config.redis.mode | default "standalone" }}
 {{- if not .Values.existingSecret }}
 {{- range $key := list "databaseUrl" "amqpUrl" "redisUrl" "jwtSecret" }}
-{{- if not (get $.Values.secrets $key) }}
+{{- if and (not (get $.Values.secrets $key)) (or (ne $key "redisUrl") (eq $redisMode "standalone")) }}
 {{- fail (printf "secrets.%s is required unless existingSecret names a Secret with keys database-url, amqp-url, redis-url and jwt-secret" $key) }}
 {{- end }}
+{{- end }}
+{{- if and (ne $redisMode "standalone") (not .Values.secrets.redisNodes) }}
+{{- fail (printf "secrets.redisNodes must list the %s when config.redis.mode is %s" (ternary "seed nodes" "Sentinels" (eq $redisMode "cluster")) $redisMode) }}
+{{- end }}
+{{- if and (eq $redisMode "standalone") .Values.secrets.redisNodes }}
+{{- fail "secrets.redisNodes is set but config.redis.mode is standalone: set config.redis.mode to cluster or sentinel" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -198,6 +258,7 @@ Called with a dict:
   configName  the ConfigMap holding bulkops.toml
   secretName  the Secret holding the secret keys
   secretKeys  the secret keys the program needs
+  optionalSecretKeys (optional) secret keys it reads when present
   port        (optional) dict with name and number of the container port
   args        (optional) container arguments
   restartPolicy (optional) for Jobs
@@ -251,7 +312,7 @@ spec:
           protocol: TCP
       {{- end }}
       env:
-        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "extraEnv" $v.extraEnv) | nindent 8 }}
+        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "optionalSecretKeys" (default (list) .optionalSecretKeys) "extraEnv" $v.extraEnv) | nindent 8 }}
       {{- with $v.livenessProbe }}
       livenessProbe:
         {{- toYaml . | nindent 8 }}
