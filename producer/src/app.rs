@@ -114,7 +114,7 @@ pub async fn serve(
         .await
         .context("database.url")?;
     let metrics = ProducerMetrics::new().context("metrics")?;
-    let locks = Locks::connect(&settings.redis).context("redis.url")?;
+    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
     let publish_link =
         Arc::new(AmqpLink::new(&settings.amqp, "bulkops-producer").context("amqp.url")?);

@@ -1,6 +1,8 @@
-//! Dependency checks behind `/readyz`: the database answers `SELECT 1`, the broker link is
-//! connected, Redis answers `PING`, each within a short timeout. The result also feeds
-//! `bulkops_dependency_up`.
+//! Dependency checks behind `/readyz`: the database answers `SELECT 1` on a connection the
+//! pool checked is to a writable primary, the broker link is connected, and Redis can take
+//! locks ([`Locks::ping`]: the server answers `PING`; in cluster mode every master does; in
+//! sentinel mode the node the Sentinels name answers as master), each within a short
+//! timeout. The result also feeds `bulkops_dependency_up`.
 
 use std::time::Duration;
 

@@ -28,7 +28,9 @@
 //!   key costs microseconds of server time. A script missing on a node (a fresh node, a
 //!   promoted replica: `SCRIPT LOAD` is not replicated) answers `NOSCRIPT`; the script is
 //!   then loaded on that slot's master alone and the call repeated, so one unreachable
-//!   master does not stop the slots of the others.
+//!   master does not stop the slots of the others. A cluster connection that keeps failing
+//!   `PING` is replaced by a fresh one from the seed nodes (see `ClusterLink`: the crate's
+//!   client can wedge when a master dies under load).
 //! - **sentinel**: the master named `redis.sentinel_master`, found through the Sentinels in
 //!   `redis.nodes` with the crate's Sentinel client (which checks the node it names answers
 //!   `ROLE` as master). The connection to it is kept until a command on it fails (the

@@ -53,7 +53,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .await
         .context("database.url")?;
     let metrics = WorkerMetrics::new().context("metrics")?;
-    let locks = Locks::connect(&settings.redis).context("redis.url")?;
+    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
     let consume_link =
         Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-consume").context("amqp.url")?);
