@@ -545,9 +545,11 @@ impl SentinelSet {
             .await
     }
 
-    /// SIGKILLs the current master; returns the port of the replica the Sentinels promote.
+    /// SIGKILLs the current master once its replica is in sync; returns the port of the
+    /// replica the Sentinels promote (a Sentinel that does not know the replica yet, e.g.
+    /// right after a manual failover, learns of it within seconds and fails over then).
     pub async fn kill_master(&mut self) -> anyhow::Result<u16> {
-        self.ready_to_fail_over().await?;
+        self.wait_replicas_in_sync(Duration::from_secs(30)).await?;
         let old = self.current_master().await?;
         let node = self
             .data

@@ -311,28 +311,30 @@ async fn sentinel_failovers_mid_batch() {
         let mut set = SentinelSet::start().await.expect("sentinels");
         let env = TestEnv::new("c_sn_failover").await.expect("env");
         on_sentinels(&env, &set).await;
-        env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
-        // A small queue window keeps the batch going through both failovers (each takes
-        // seconds; unthrottled, the batch takes about one).
-        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 100)
-            .await;
-        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 50).await;
-        let (batch, probes) = start_create(&env, 2).await;
+        // A conversion moves a lead's whole history per item: slow enough, with small
+        // chunks, that the batch is still running after two failovers of a few seconds.
+        env.set("BULKOPS__WORKER__CHUNK_SIZE", 10).await;
+        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let (api, probes) = start_processes(&env, 2).await;
+        wait_all_ready(&probes).await;
+        let batch = api
+            .convert(&token(admin, agency), &ids)
+            .await
+            .expect("convert");
+        let total = i64::try_from(ids.len()).unwrap_or(0);
         // A manual failover (the master is demoted under the workers' connections)…
-        wait_done(&env, batch, CREATE_ITEMS / 5).await;
+        wait_done(&env, batch, total / 10).await;
         assert_mid_batch(&env, batch).await;
         set.failover().await.expect("manual failover");
         wait_all_ready(&probes).await;
-        // …then, once the Sentinels know the demoted node as the replica, the new master
-        // crashes and the old one takes over again.
-        set.ready_to_fail_over().await.expect("replica known");
+        // …then the new master crashes and the old one takes over again.
         assert_mid_batch(&env, batch).await;
         set.kill_master().await.expect("crash failover");
         wait_all_ready(&probes).await;
-        let tally = finish_create(&env, batch).await;
+        let tally = finish_convert(&env, batch, &before).await;
         assert_none_failed(&env, batch).await;
         record(
-            "Redis Sentinel failover mid-batch (manual, then master SIGKILL)",
+            "Redis Sentinel failovers mid-conversion (manual, then master SIGKILL)",
             tally,
         );
         env.finish().await;
