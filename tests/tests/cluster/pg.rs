@@ -149,6 +149,8 @@ async fn pgbouncer_restarted_mid_batch() {
         .await
         .expect("env");
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+        // A small queue window keeps the producer splitting (reading and writing the
+        // database, publishing) while the fault lands, not only the workers.
         env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
             .await;
         env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
@@ -192,6 +194,8 @@ async fn postgres_primary_failover_mid_batch() {
         .await
         .expect("env");
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+        // A small queue window keeps the producer splitting (reading and writing the
+        // database, publishing) while the fault lands, not only the workers.
         env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
             .await;
         env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;

@@ -258,6 +258,8 @@ async fn redis_cluster_master_killed_mid_conversion() {
         let env = TestEnv::new("c_rc_kill").await.expect("env");
         on_redis_cluster(&env, &cluster).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
+        // A small queue window keeps the producer splitting (reading and writing the
+        // database, publishing) while the fault lands, not only the workers.
         env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
             .await;
         env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
