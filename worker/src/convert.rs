@@ -4,8 +4,11 @@
 //! Everything a chunk does happens in the caller's one transaction, with set-based
 //! statements over the chunk's records:
 //!
-//! 1. lock the pending items, the Sales Records (`FOR UPDATE`) and the Individuals they
-//!    merge into; a record already converted (its row gone, its conversion logged) is
+//! 1. lock the pending items, the Sales Records and their sales policies (`FOR UPDATE`)
+//!    and the Individuals they merge into; a child row the CRM writes for a locked record
+//!    meanwhile either committed before the lock (and is moved) or waits for the
+//!    conversion and then fails (the orphan guard triggers of the migrations), so nothing
+//!    is left owned by a deleted record; a record already converted (its row gone, its conversion logged) is
 //!    `skipped`/`already_converted` naming its Individual, so a redelivered message never
 //!    makes a second Individual;
 //! 2. classify each item ([`classify`]): convert (merge or new), `forbidden`, `not_found`;
@@ -352,6 +355,17 @@ pub async fn apply(
             [targets.clone().into(), meta.agency_id.into()],
         ))
         .await?;
+    // The records' sales policies too: a custom field value being written for one of them
+    // holds a KEY SHARE lock on it (migrations' orphan guard), so the conversion waits for
+    // it and then moves it, or the writer waits for the conversion and then fails visibly.
+    // Either way no value is left behind on a deleted sales policy.
+    tx.execute_raw(stmt(
+        "SELECT 1 FROM sales_policies sp
+          WHERE sp.sales_record_id = ANY($1::bigint[]) AND sp.agency_id = $2
+          ORDER BY sp.id FOR UPDATE",
+        [targets.clone().into(), meta.agency_id.into()],
+    ))
+    .await?;
     let mut found: HashMap<i64, (i64, Option<i64>)> = HashMap::with_capacity(records.len());
     for r in &records {
         found.insert(

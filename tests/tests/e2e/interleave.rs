@@ -183,3 +183,181 @@ async fn a_dead_letter_cannot_fail_an_item_whose_sales_record_the_chunk_creates(
     );
     env.finish().await;
 }
+
+/// Converts items of a conversion batch the way a worker's chunk does, in `tx`.
+async fn convert_chunk(tx: &sea_orm::DatabaseTransaction, meta: &BatchMeta, seqs: &[i64]) {
+    let delta = bulkops_worker::convert::apply(tx, meta, seqs)
+        .await
+        .expect("convert");
+    bulkops_shared::progress::record_outcomes(tx, meta.id, delta)
+        .await
+        .expect("counters");
+}
+
+/// Rows anywhere that point at Sales Record `sr` or at one of its sales policies `sps`.
+async fn owned_by(env: &TestEnv, sr: i64, sps: &[i64]) -> i64 {
+    let mut n = 0;
+    for t in bulkops_tests::check::CHILD_TABLES {
+        n += env
+            .count(&format!(
+                "SELECT count(*) FROM {t} WHERE owner_type = 'sales_record' AND owner_id = {sr}"
+            ))
+            .await;
+    }
+    n += env
+        .count(&format!(
+            "SELECT count(*) FROM sales_policies WHERE sales_record_id = {sr}"
+        ))
+        .await;
+    n += env
+        .count(&format!(
+            "SELECT count(*) FROM custom_field_values v JOIN custom_field_definitions d ON d.id = v.definition_id
+              WHERE (d.entity = 'sales_record' AND v.record_id = {sr})
+                 OR (d.entity = 'sales_policy' AND v.record_id = ANY('{{{}}}'::bigint[]))",
+            sps.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        ))
+        .await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_row_written_during_a_conversion_is_moved_or_refused_never_orphaned() {
+    let env = crate::env("interleave_orphans").await;
+    let w = World::new(&env.db, "Orphan Agency").await;
+    let sr_def = fixture::custom_field(&env.db, w.agency, "sales_record", "Pref", "text").await;
+    fixture::custom_field(&env.db, w.agency, "individual", "Pref", "text").await;
+    let sp_def = fixture::custom_field(&env.db, w.agency, "sales_policy", "Premium", "text").await;
+    let lead =
+        |n: &str| json!({"agency_id": w.agency, "record_type_id": w.record_type, "first_name": n});
+    let late = insert(&env.db, "sales_records", &lead("Late")).await;
+    let early = insert(&env.db, "sales_records", &lead("Early")).await;
+    let late_sp = insert(
+        &env.db,
+        "sales_policies",
+        &json!({"agency_id": w.agency, "sales_record_id": late, "status": "Quoted"}),
+    )
+    .await;
+    let meta = batch(&env, &w, BatchKind::ConvertSalesRecords, &[late, early]).await;
+
+    // Rows written *after* the conversion did its work, before it commits: the note, SMS,
+    // custom field value and sales policy of the Sales Record, and a custom field value of
+    // its sales policy. Each writer is its own session.
+    let (a, _) = session(&env).await;
+    let a_tx = a.begin().await.expect("begin");
+    convert_chunk(&a_tx, &meta, &[1]).await;
+    let writes: Vec<(&str, String)> = vec![
+        (
+            "note",
+            format!(
+                "INSERT INTO notes (agency_id, owner_type, owner_id, subject) VALUES ({}, 'sales_record', {late}, 'late')",
+                w.agency
+            ),
+        ),
+        (
+            "sms",
+            format!(
+                "INSERT INTO sms_messages (agency_id, owner_type, owner_id, direction, body) VALUES ({}, 'sales_record', {late}, 'in', 'hi')",
+                w.agency
+            ),
+        ),
+        (
+            "custom value",
+            format!(
+                "INSERT INTO custom_field_values (definition_id, record_id, value) VALUES ({sr_def}, {late}, '\"x\"')"
+            ),
+        ),
+        (
+            "sales policy",
+            format!(
+                "INSERT INTO sales_policies (agency_id, sales_record_id, status) VALUES ({}, {late}, 'Conversion')",
+                w.agency
+            ),
+        ),
+        (
+            "sales policy value",
+            format!(
+                "INSERT INTO custom_field_values (definition_id, record_id, value) VALUES ({sp_def}, {late_sp}, '\"9\"')"
+            ),
+        ),
+    ];
+    let mut writers = Vec::new();
+    for (what, sql) in writes {
+        let (db, pid) = session(&env).await;
+        let task = tokio::spawn(async move { db.execute_unprepared(&sql).await.map(|_| ()) });
+        until_blocked_or_done(&env, pid, &task).await;
+        writers.push((what, task));
+    }
+    a_tx.commit().await.expect("commit");
+    for (what, task) in writers {
+        let result = tokio::time::timeout(STEP, task)
+            .await
+            .expect("writer finishes")
+            .expect("writer");
+        let err = result.expect_err(&format!("the {what} written mid-conversion must fail"));
+        assert_eq!(
+            bulkops_shared::db::sqlstate(&err).as_deref(),
+            Some("23503"),
+            "{what}: {err}"
+        );
+    }
+    assert_eq!(
+        owned_by(&env, late, &[late_sp]).await,
+        0,
+        "nothing owned by the converted record"
+    );
+
+    // Rows written *before* the conversion locks, committed while it waits: moved with it.
+    let (d, _) = session(&env).await;
+    let d_tx = d.begin().await.expect("begin");
+    d_tx.execute_unprepared(&format!(
+        "INSERT INTO notes (agency_id, owner_type, owner_id, subject, contains_soa) VALUES ({}, 'sales_record', {early}, 'SOA', true)",
+        w.agency
+    ))
+    .await
+    .expect("note");
+    d_tx.execute_unprepared(&format!(
+        "INSERT INTO custom_field_values (definition_id, record_id, value) VALUES ({sr_def}, {early}, '\"y\"')"
+    ))
+    .await
+    .expect("value");
+    let (a, a_pid) = session(&env).await;
+    let m = meta.clone();
+    let chunk = tokio::spawn(async move {
+        let tx = a.begin().await.expect("begin");
+        convert_chunk(&tx, &m, &[2]).await;
+        tx.commit().await.expect("commit");
+    });
+    until_blocked_or_done(&env, a_pid, &chunk).await;
+    d_tx.commit().await.expect("commit");
+    tokio::time::timeout(STEP, chunk)
+        .await
+        .expect("conversion finishes")
+        .expect("conversion");
+    assert_eq!(
+        owned_by(&env, early, &[]).await,
+        0,
+        "nothing owned by the converted record"
+    );
+    let ind = env
+        .count(&format!(
+            "SELECT result_id FROM bulk_items WHERE batch_id = {} AND seq = 2 AND status = 'converted'",
+            meta.id.0
+        ))
+        .await;
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM notes WHERE owner_type = 'individual' AND owner_id = {ind} AND contains_soa"
+        ))
+        .await,
+        1,
+        "the SOA note moved to the Individual"
+    );
+    assert_eq!(
+        fixture::custom_values(&env.db, "individual", ind)
+            .await
+            .get("Pref"),
+        Some(&json!("y")),
+        "the custom value moved to the Individual"
+    );
+    env.finish().await;
+}
