@@ -61,6 +61,9 @@ pub fn sqlstate(err: &DbErr) -> Option<String> {
 /// timed out, the server is restarting, or the transaction lost a deadlock or
 /// serialization race. Everything else (constraint violations, bad SQL) is permanent.
 pub fn is_transient(err: &DbErr) -> bool {
+    if is_client_timeout(err) {
+        return true;
+    }
     if let Some(code) = sqlstate(err) {
         return matches!(
             code.as_str(),
@@ -89,6 +92,36 @@ pub fn is_transient(err: &DbErr) -> bool {
             )
         }
         _ => false,
+    }
+}
+
+/// What a client-side timeout error's message starts with.
+const CLIENT_TIMEOUT: &str = "no answer from the database within the client-side timeout";
+
+/// The error of a database call that did not finish within its client-side timeout
+/// (`what` names the call, never data).
+pub fn client_timeout(what: &str) -> DbErr {
+    DbErr::Custom(format!("{CLIENT_TIMEOUT} ({what})"))
+}
+
+/// Whether `err` is a [`client_timeout`].
+pub fn is_client_timeout(err: &DbErr) -> bool {
+    matches!(err, DbErr::Custom(m) if m.starts_with(CLIENT_TIMEOUT))
+}
+
+/// Runs a database call with a client-side timeout: `statement_timeout` bounds the
+/// server's work, not a half-open connection that never answers.
+///
+/// # Errors
+/// The call's own error, or [`client_timeout`].
+pub async fn timed<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, DbErr>>,
+) -> Result<T, DbErr> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => Err(client_timeout(what)),
     }
 }
 

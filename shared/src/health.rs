@@ -1,6 +1,7 @@
 //! Dependency checks behind `/readyz`: the database answers `SELECT 1`, the broker link is
 //! connected, Redis answers `PING`, each within a short timeout. The result also feeds
-//! `bulkops_dependency_up`.
+//! `bulkops_dependency_up`. A process may add what it knows beyond reachability to
+//! [`Readiness::degraded`] (a worker whose Redis refuses lock writes).
 
 use std::time::Duration;
 
@@ -26,6 +27,11 @@ pub struct Readiness {
     pub broker: bool,
     /// Redis answered.
     pub redis: bool,
+    /// Dependencies that answer but are not used as intended, and why (e.g.
+    /// `redis_locks_bypassed`: Redis refuses lock writes, the worker carries on without
+    /// locks). A degraded process is still ready: it gets its work done correctly.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<&'static str>,
 }
 
 /// Checks the dependencies a process needs (`locks` is `None` for one that needs no Redis).
@@ -58,5 +64,6 @@ pub async fn check(
         database,
         broker,
         redis,
+        degraded: Vec::new(),
     }
 }

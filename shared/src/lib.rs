@@ -24,6 +24,7 @@
 //! - [`outbox`]: the transactional outbox and its relay to the events exchange.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`health`]: dependency checks behind `/readyz`.
+//! - [`ratelog`]: log lines that stay few when a failure repeats.
 //! - [`shutdown`]: the SIGINT/SIGTERM future injected into every `run()`.
 
 pub mod amqp;
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod permissions;
 pub mod progress;
+pub mod ratelog;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
