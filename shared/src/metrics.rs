@@ -184,6 +184,10 @@ pub struct ProducerMetrics {
     pub split_errors: IntCounter,
     /// `bulkops_split_backlog_items`
     pub split_backlog: IntGauge,
+    /// `bulkops_split_republished_total{kind,lane}`
+    pub split_republished: IntCounterVec,
+    /// `bulkops_split_stalled_batches{state}`
+    pub split_stalled: IntGaugeVec,
     /// `bulkops_split_batches_owned`
     pub split_owned: IntGauge,
     /// `bulkops_batches_active{kind}`
@@ -257,6 +261,18 @@ impl ProducerMetrics {
                 &r,
                 "bulkops_split_errors_total",
                 "Split rounds that failed (database or broker) and were retried.",
+            )?,
+            split_republished: counter_vec(
+                &r,
+                "bulkops_split_republished_total",
+                "Messages the stall sweeper published again for items of stalled batches (one generation at a time), by kind and lane.",
+                &["kind", "lane"],
+            )?,
+            split_stalled: int_gauge_vec(
+                &r,
+                "bulkops_split_stalled_batches",
+                "Stalled batches the last sweep did not republish, by why: held_outage (a worker reports waiting for a dependency), held_queued (their lane's queues still hold ready messages).",
+                &["state"],
             )?,
             split_backlog: int_gauge(
                 &r,

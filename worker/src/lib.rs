@@ -12,6 +12,7 @@
 //! - [`retry`]: failure classes, retry tiers, attempt history headers.
 //! - [`gate`]: the record locks, waited for a bounded time and then bypassed.
 //! - [`outage`]: waiting out an unreachable dependency, once per worker in the logs.
+//! - [`status`]: the outage report that holds the producers' stall sweeper.
 //! - [`deadletter`]: records the failure of dead-lettered items.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
@@ -27,6 +28,7 @@ pub mod outcomes;
 pub mod process;
 pub mod retry;
 pub mod server;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +144,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         None
     };
     tasks.spawn(gate.clone().maintain(shutdown.clone()));
+    tasks.spawn(status::run(
+        db.clone(),
+        outages.clone(),
+        uuid::Uuid::new_v4(),
+        settings.database.call_timeout(),
+        shutdown.clone(),
+    ));
     tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
     let probe = server::Probe {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bulkops_tests::TestEnv;
 use bulkops_tests::api::{Api, metric_sum};
-use bulkops_tests::env::Endpoints;
+use bulkops_tests::env::{Endpoints, queued_messages};
+use bulkops_tests::proxy::FaultProxy;
 use bulkops_tests::services::RedisInstance;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::json;
@@ -357,6 +358,138 @@ async fn a_chunk_that_keeps_timing_out() {
         blocker.rollback().await.expect("rollback");
         record(
             "a chunk that keeps timing out (a row lock held for ever)",
+            crate::finish_create(&env, batch).await,
+        );
+        env.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_longer_than_three_stall_periods() {
+    for _ in 0..runs() {
+        let proxy = FaultProxy::start("127.0.0.1:6379").await.expect("proxy");
+        let env = TestEnv::with(
+            "f_stall_bound",
+            Endpoints {
+                redis: format!("redis://{}", proxy.addr),
+                ..Endpoints::default()
+            },
+        )
+        .await
+        .expect("env");
+        let w = create_world(&env, ITEMS).await;
+        env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+        env.set("BULKOPS__SPLIT__STALL_AFTER_SECS", 2).await;
+        // Workers hold their chunks for the whole outage instead of bypassing the locks:
+        // the batch makes no progress, which is what the stall sweeper reacts to.
+        env.set("BULKOPS__WORKER__LOCK_BYPASS_AFTER_MS", 600_000)
+            .await;
+        let (api, _) = start(&env, 2).await;
+        let batch = api
+            .bulk_create(
+                &w.token(),
+                &json!({"filter": {}, "record_type_id": w.record_type}),
+            )
+            .await
+            .expect("bulk create");
+        wait_done(&env, batch, ITEMS / 4).await;
+        proxy.set_down(true).await;
+        let pending = env
+            .count(&format!(
+                "SELECT count(*) FROM bulk_items WHERE batch_id = {batch} AND status = 'pending'"
+            ))
+            .await;
+        // Five stall periods of outage; the queues' depth (ready and held) is sampled.
+        let started = Instant::now();
+        let mut most = 0;
+        while started.elapsed() < Duration::from_secs(10) {
+            most = most.max(queued_messages(&env.amqp_prefix).await.expect("queues"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        proxy.set_down(false).await;
+        let tally = crate::finish_create(&env, batch).await;
+        let resplits = env
+            .try_count(&format!(
+                "SELECT resplit_generation::bigint FROM bulk_batches WHERE id = {batch}"
+            ))
+            .await
+            .unwrap_or(-1);
+        figure(
+            "queued messages during a Redis outage of five stall periods",
+            json!({"most": most, "pending_at_outage": pending, "republish_generations": resplits}),
+        );
+        // The stated bound: one copy of each pending item, plus at most one republished copy.
+        let bound = u64::try_from(2 * pending).unwrap_or(0);
+        assert!(
+            most <= bound,
+            "{most} messages queued for {pending} pending items"
+        );
+        record(
+            "redis down for five stall periods (queue depth bounded)",
+            tally,
+        );
+        env.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_messages_are_republished_once() {
+    use lapin::options::QueuePurgeOptions;
+    for _ in 0..runs() {
+        let env = TestEnv::new("f_purged").await.expect("env");
+        let w = create_world(&env, ITEMS).await;
+        env.set("BULKOPS__SPLIT__STALL_AFTER_SECS", 2).await;
+        // No worker yet: the whole batch is split into the queue, then lost to a purge.
+        let (_, api) = env.start_producer().await.expect("producer");
+        let batch = api
+            .bulk_create(
+                &w.token(),
+                &json!({"filter": {}, "record_type_id": w.record_type}),
+            )
+            .await
+            .expect("bulk create");
+        let started = Instant::now();
+        while env
+            .count(&format!(
+                "SELECT count(*) FROM bulk_batches WHERE id = {batch} AND split_done_at IS NOT NULL"
+            ))
+            .await
+            == 0
+        {
+            assert!(started.elapsed() < bound(), "the split finishes");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conn = lapin::Connection::connect(
+            &bulkops_tests::env::amqp_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        let purged = ch
+            .queue_purge(
+                format!("{}.work.bulk", env.amqp_prefix).as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await
+            .expect("purge");
+        assert!(purged > 0, "messages were lost");
+        let _ = conn.close(200, "done".into()).await;
+        for _ in 0..2 {
+            env.start_worker().await.expect("worker");
+        }
+        assert!(
+            completed_within(&env, batch, bound()).await,
+            "the sweeper republishes what was lost"
+        );
+        let generations = env
+            .count(&format!(
+                "SELECT resplit_generation::bigint FROM bulk_batches WHERE id = {batch}"
+            ))
+            .await;
+        assert_eq!(generations, 1, "one republished generation was enough");
+        record(
+            "work queue purged (messages lost), republished by the stall sweeper",
             crate::finish_create(&env, batch).await,
         );
         env.finish().await;
