@@ -71,6 +71,14 @@ pub struct DatabaseSettings {
     /// milliseconds: `statement_timeout` bounds the server's work, not a half-open
     /// connection that never answers.
     pub call_timeout_ms: u64,
+    /// Server-side `idle_in_transaction_session_timeout` for every session, in
+    /// milliseconds (0: none): a bulkops session that leaves a transaction open and idle
+    /// (a stuck task, a half-open client connection) is ended by the server, releasing its
+    /// locks and its snapshot.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Pooled connections of the producer's CSV exports, apart from the pool that accept,
+    /// the splitter and the outbox relay use.
+    pub export_max_connections: u32,
 }
 
 impl DatabaseSettings {
@@ -167,6 +175,19 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Longest time a request may take before it is answered 503, in milliseconds.
     pub request_timeout_ms: u64,
+    /// A client that accepts no byte of its answer for this long is cut, in milliseconds
+    /// (a CSV reader that stopped reading, a half-open connection).
+    pub write_timeout_ms: u64,
+    /// CSV exports streamed at once by one producer; one more is answered 503 with
+    /// `Retry-After`.
+    pub max_concurrent_exports: usize,
+}
+
+impl HttpSettings {
+    /// [`HttpSettings::write_timeout_ms`] as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
 }
 
 /// `[metrics]`
@@ -276,6 +297,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("database.acquire_timeout_ms", "5000"),
     ("database.statement_timeout_ms", "60000"),
     ("database.call_timeout_ms", "15000"),
+    ("database.idle_in_transaction_timeout_ms", "60000"),
+    ("database.export_max_connections", "2"),
     ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
     ("amqp.prefix", "bulkops"),
     ("amqp.events_exchange", "crm.events"),
@@ -292,6 +315,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("http.bind", "127.0.0.1:8080"),
     ("http.body_limit_bytes", "4194304"),
     ("http.request_timeout_ms", "30000"),
+    ("http.write_timeout_ms", "30000"),
+    ("http.max_concurrent_exports", "4"),
     ("metrics.bind", "127.0.0.1:9090"),
     ("worker.concurrency", "2"),
     ("worker.chunk_size", "250"),
@@ -450,6 +475,15 @@ impl Settings {
             ));
         }
         positive(self.database.call_timeout_ms, "database.call_timeout_ms")?;
+        positive(
+            self.database.export_max_connections.into(),
+            "database.export_max_connections",
+        )?;
+        positive(self.http.write_timeout_ms, "http.write_timeout_ms")?;
+        positive(
+            self.http.max_concurrent_exports as u64,
+            "http.max_concurrent_exports",
+        )?;
         positive(self.amqp.prefetch.into(), "amqp.prefetch")?;
         positive(self.amqp.delivery_limit.into(), "amqp.delivery_limit")?;
         positive(self.amqp.confirm_window as u64, "amqp.confirm_window")?;

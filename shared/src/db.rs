@@ -11,6 +11,24 @@ use secrecy::ExposeSecret;
 
 use crate::config::DatabaseSettings;
 
+/// Longest the pool waits for a returned connection to prove it is usable (the "ping on
+/// release" of sqlx); a connection dropped mid-call on a half-open socket would otherwise
+/// hold its pool slot until the kernel gives up.
+const RELEASE_PING: Duration = Duration::from_secs(2);
+
+/// Server-side session settings of every bulkops connection (beside `statement_timeout`):
+/// the server probes an idle client socket after 10 s, every 5 s, 3 times, and drops a
+/// connection whose sent data stays unacknowledged for 30 s, so it ends the backend (and
+/// its locks) of a client that vanished. sqlx sets no client-side socket options, so these,
+/// the client-side timeouts on every call and the bounded ping on release are what notice
+/// a half-open connection here (see `net`).
+const KEEPALIVE_SETTINGS: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
 /// Opens the pool. Connections are made lazily, so a database that is down at start-up
 /// makes `/readyz` answer 503 instead of stopping the process; it comes back by itself.
 ///
@@ -25,14 +43,41 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .idle_timeout(Duration::from_secs(300))
         .connect_lazy(true)
         .sqlx_logging(false);
-    let statement_timeout = settings.statement_timeout_ms;
+    let mut session: Vec<(&'static str, String)> = KEEPALIVE_SETTINGS
+        .iter()
+        .map(|(k, v)| (*k, (*v).to_owned()))
+        .collect();
+    if settings.statement_timeout_ms > 0 {
+        session.push((
+            "statement_timeout",
+            format!("{}ms", settings.statement_timeout_ms),
+        ));
+    }
+    if settings.idle_in_transaction_timeout_ms > 0 {
+        session.push((
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", settings.idle_in_transaction_timeout_ms),
+        ));
+    }
     opts.map_sqlx_postgres_opts(move |o| {
-        let o = o.application_name("bulkops");
-        if statement_timeout > 0 {
-            o.options([("statement_timeout", format!("{statement_timeout}ms"))])
-        } else {
-            o
-        }
+        o.application_name("bulkops")
+            .options(session.iter().map(|(k, v)| (*k, v.as_str())))
+    });
+    opts.map_sqlx_postgres_pool_opts(|p| {
+        p.after_release(|conn, _meta| {
+            Box::pin(async move {
+                use sea_orm::sqlx::Connection;
+                match tokio::time::timeout(RELEASE_PING, conn.ping()).await {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(e)) => Err(e),
+                    // The pool then closes it without a goodbye (nothing would arrive).
+                    Err(_) => Err(sea_orm::sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection did not answer on release",
+                    ))),
+                }
+            })
+        })
     });
     sea_orm::Database::connect(opts).await
 }

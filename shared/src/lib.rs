@@ -16,6 +16,7 @@
 //! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
 //! - [`db`]: the PostgreSQL pool and error classification.
 //! - [`lock`]: Redis locks (SET NX PX with a token, compare-and-delete release).
+//! - [`net`]: TCP keepalives, so a half-open connection is noticed in seconds.
 //! - [`filter`]: the Individual search filter, parsed into a typed value and turned into SQL.
 //! - [`mapping`]: the field mappings of the create and convert rules, as data and pure
 //!   functions that turn that data into SQL.
@@ -38,6 +39,7 @@ pub mod lock;
 pub mod mapping;
 pub mod messages;
 pub mod metrics;
+pub mod net;
 pub mod outbox;
 pub mod permissions;
 pub mod progress;
