@@ -153,7 +153,8 @@ pub async fn serve(
         split_owner,
         metrics.clone(),
         split_handle,
-    );
+    )
+    .with_round_timeout(settings.database.call_timeout() * 4);
     tasks.spawn(splitter.run(shutdown.clone()));
     if settings.outbox.enabled {
         let relay = OutboxRelay::new(
@@ -164,7 +165,8 @@ pub async fn serve(
             settings.outbox.batch_size,
             Duration::from_millis(settings.outbox.poll_interval_ms),
             metrics.outbox.clone(),
-        );
+        )
+        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
         tasks.spawn(relay.run(shutdown.clone()));
     }
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
@@ -173,6 +175,7 @@ pub async fn serve(
         publish_link.clone(),
         topology,
         metrics,
+        settings.database.call_timeout(),
         shutdown.clone(),
     ));
     tasks.close();

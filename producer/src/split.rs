@@ -105,6 +105,7 @@ pub struct Splitter {
     metrics: ProducerMetrics,
     handle: SplitHandle,
     logs: bulkops_shared::ratelog::LogGate,
+    round_timeout: Duration,
 }
 
 impl Splitter {
@@ -127,7 +128,17 @@ impl Splitter {
             metrics,
             handle,
             logs: bulkops_shared::ratelog::LogGate::default(),
+            round_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Bounds each split round (its database calls and confirmed publishes) in time, so a
+    /// half-open connection cannot stall splitting; a round cut short is simply run again
+    /// (positions are committed per confirmed chunk).
+    #[must_use]
+    pub fn with_round_timeout(mut self, timeout: Duration) -> Self {
+        self.round_timeout = timeout;
+        self
     }
 
     fn lease_secs(&self) -> f64 {
@@ -156,7 +167,13 @@ impl Splitter {
                 }
                 self.round().await
             };
-            let pause = match round.await {
+            let bounded = match tokio::time::timeout(self.round_timeout, round).await {
+                Ok(r) => r,
+                Err(_) => Err(SplitError::Db(bulkops_shared::db::client_timeout(
+                    "split round",
+                ))),
+            };
+            let pause = match bounded {
                 Ok((published, owned)) => {
                     backoff = reconnect_backoff();
                     if published > 0 {

@@ -186,6 +186,14 @@ impl Locks {
     /// When the URL is invalid.
     pub fn connect(settings: &RedisSettings) -> Result<Self, LockError> {
         let client = redis::Client::open(settings.url.expose_secret())?;
+        // Keepalives and a user timeout: a half-open connection is noticed in seconds.
+        let tcp = redis::io::tcp::TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(crate::net::keepalive());
+        #[cfg(target_os = "linux")]
+        let tcp = tcp.set_user_timeout(crate::net::USER_TIMEOUT);
+        let client =
+            redis::Client::open(client.get_connection_info().clone().set_tcp_settings(tcp))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout()))
             .set_response_timeout(Some(settings.timeout()))

@@ -138,7 +138,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             settings.outbox.batch_size,
             Duration::from_millis(settings.outbox.poll_interval_ms),
             metrics.outbox.clone(),
-        );
+        )
+        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
         Some(tokio::spawn(relay.run(relay_stop.clone())))
     } else {
         None

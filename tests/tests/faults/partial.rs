@@ -495,3 +495,73 @@ async fn purged_messages_are_republished_once() {
         env.finish().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_gone_half_open() {
+    for _ in 0..runs() {
+        let proxy = FaultProxy::start("127.0.0.1:5432").await.expect("proxy");
+        let env = TestEnv::with(
+            "f_pg_half_open",
+            Endpoints {
+                pg: format!("postgres://postgres@{}", proxy.addr),
+                ..Endpoints::default()
+            },
+        )
+        .await
+        .expect("env");
+        let w = create_world(&env, ITEMS).await;
+        env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
+        env.set("BULKOPS__DATABASE__CALL_TIMEOUT_MS", 3000).await;
+        env.set("BULKOPS__WORKER__CHUNK_TIMEOUT_MS", 5000).await;
+        // The last item is dead-lettered (its insert always fails permanently), so that the
+        // dead-letter watcher must record an outcome after its connection went silent.
+        let doomed = env
+            .count("SELECT max(i.id) FROM individuals i WHERE NOT EXISTS (SELECT 1 FROM sales_records sr WHERE sr.individual_id = i.id)")
+            .await;
+        env.db
+            .execute_unprepared(&format!(
+                "CREATE FUNCTION t_doomed() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                   IF NEW.individual_id = {doomed} THEN RAISE EXCEPTION 'refused' USING ERRCODE = '23514'; END IF;
+                   RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER t_doomed BEFORE INSERT ON sales_records
+                   FOR EACH ROW EXECUTE FUNCTION t_doomed();"
+            ))
+            .await
+            .expect("trigger");
+        let (api, _) = start(&env, 2).await;
+        let batch = api
+            .bulk_create(
+                &w.token(),
+                &json!({"filter": {}, "record_type_id": w.record_type}),
+            )
+            .await
+            .expect("bulk create");
+        wait_done(&env, batch, ITEMS / 3).await;
+        // Every database connection open now goes silent for good (no byte, no FIN), as
+        // after a NAT or firewall dropped them; the database itself is fine and new
+        // connections work. Each process must give its stuck calls up and carry on.
+        proxy.stall_existing();
+        assert!(
+            completed_within(&env, batch, bound()).await,
+            "the batch completes on fresh connections"
+        );
+        let failed = bulkops_tests::fixture::rows(
+            &env.db,
+            "SELECT to_jsonb(target_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'failed'",
+            vec![batch.into()],
+        )
+        .await;
+        assert_eq!(
+            failed,
+            vec![json!(doomed)],
+            "the dead letter got its outcome"
+        );
+        record(
+            "database connections gone half-open mid-batch (proxy: silent, new ones pass)",
+            crate::finish_create(&env, batch).await,
+        );
+        env.finish().await;
+    }
+}
