@@ -94,6 +94,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         chunk_timeout: settings
             .worker
             .chunk_timeout(settings.database.statement_timeout_ms),
+        statement_timeout: Duration::from_millis(settings.database.statement_timeout_ms),
         call_timeout: settings.database.call_timeout(),
         control: control.clone(),
     });

@@ -80,6 +80,9 @@ pub struct Processor {
     /// Longest a chunk's transaction may take (client-side) before it is cancelled and
     /// retried.
     pub chunk_timeout: Duration,
+    /// The session's `statement_timeout` (`database.statement_timeout_ms`; zero: none). A
+    /// chunk timeout below it becomes the chunk transaction's statement timeout.
+    pub statement_timeout: Duration,
     /// Client-side timeout of the database calls outside the chunk's transaction.
     pub call_timeout: Duration,
     /// A connection of its own (a pool of one) for probing the database and cancelling
@@ -433,8 +436,9 @@ impl Processor {
 
     /// One chunk's transaction, bounded in time: a statement stuck behind a lock, or a
     /// database that stops answering (a stalled network), must not hold the chunk for
-    /// ever. Server-side, the transaction's `statement_timeout` is the chunk timeout, so a
-    /// stuck statement ends by itself (57014) and releases its row locks. Client-side, the
+    /// ever. Server-side, a statement ends by itself (57014) and releases its row locks
+    /// within the chunk timeout or the session's statement timeout, whichever is shorter
+    /// (the chunk timeout is set as the transaction's own when it is). Client-side, the
     /// chunk gives up a moment later; the backend's query is then cancelled from the
     /// control connection (`pg_cancel_backend`), so its row locks do not outlive the
     /// attempt and block the retry, and the dropped connection is discarded by the pool.
@@ -479,15 +483,20 @@ impl Processor {
         backend: &AtomicI32,
     ) -> Result<OutcomeDelta, sea_orm::DbErr> {
         let tx = self.db.begin().await?;
-        // One round trip: the backend to cancel if the client gives up, and the chunk
-        // timeout as this transaction's statement timeout (SET LOCAL).
-        if let Some(r) = tx
-            .query_one_raw(bulkops_shared::db::stmt(
+        // One round trip: the backend to cancel if the client gives up, and, when the
+        // chunk timeout is the tighter bound, it as this transaction's statement timeout
+        // (SET LOCAL), so the server ends a stuck statement by itself.
+        let tighter =
+            self.statement_timeout.is_zero() || self.chunk_timeout < self.statement_timeout;
+        let first = if tighter {
+            bulkops_shared::db::stmt(
                 "SELECT pg_backend_pid() AS pid, set_config('statement_timeout', $1, true) AS st",
                 [format!("{}ms", self.chunk_timeout.as_millis()).into()],
-            ))
-            .await?
-        {
+            )
+        } else {
+            bulkops_shared::db::stmt("SELECT pg_backend_pid() AS pid", [])
+        };
+        if let Some(r) = tx.query_one_raw(first).await? {
             backend.store(r.try_get("", "pid")?, Ordering::SeqCst);
         }
         let delta = match meta.kind {
