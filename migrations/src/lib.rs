@@ -1,8 +1,11 @@
 //! The database schema of bulkops, as sea-orm migrations.
 //!
-//! Two migrations: the CRM's tables of CONTRACT §1 (all of them, so the schema does not
-//! churn as features land) with the indexes bulkops' queries need, and bulkops' own tables
-//! (batches, items, outbox, idempotency keys, conversion log). Each is plain SQL kept
+//! The CRM's tables of CONTRACT §1 (all of them, so the schema does not churn as features
+//! land) with the indexes bulkops' queries need; bulkops' own tables (batches, items,
+//! outbox, idempotency keys, conversion log); and the triggers beside the CRM's tables that
+//! keep a child row from outliving the Sales Record it belongs to (`orphan_guard.sql`);
+//! the stall sweeper's republish generations and the workers' outage reports
+//! (`stall_bound.sql`). Each is plain SQL kept
 //! beside this file, applied in one transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
@@ -26,6 +29,14 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261122_000002_bulkops_schema",
                 up: include_str!("bulkops_schema.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261201_000003_orphan_guard",
+                up: include_str!("orphan_guard.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261201_000004_stall_bound",
+                up: include_str!("stall_bound.sql"),
             }),
         ]
     }

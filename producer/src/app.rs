@@ -113,6 +113,13 @@ pub async fn serve(
     let db = bulkops_shared::db::connect(&settings.database)
         .await
         .context("database.url")?;
+    let export_db = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
+        max_connections: settings.database.export_max_connections,
+        min_connections: 0,
+        ..settings.database.clone()
+    })
+    .await
+    .context("database.url")?;
     let metrics = ProducerMetrics::new().context("metrics")?;
     let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
@@ -122,6 +129,10 @@ pub async fn serve(
     let split_handle = SplitHandle::default();
     let state = AppState(Arc::new(Inner {
         db: db.clone(),
+        export_db: export_db.clone(),
+        exports: Arc::new(tokio::sync::Semaphore::new(
+            settings.http.max_concurrent_exports,
+        )),
         jwt: DecodingKey::from_secret(&secret),
         metrics: metrics.clone(),
         locks,
@@ -142,7 +153,8 @@ pub async fn serve(
         split_owner,
         metrics.clone(),
         split_handle,
-    );
+    )
+    .with_round_timeout(settings.database.call_timeout() * 4);
     tasks.spawn(splitter.run(shutdown.clone()));
     if settings.outbox.enabled {
         let relay = OutboxRelay::new(
@@ -153,7 +165,8 @@ pub async fn serve(
             settings.outbox.batch_size,
             Duration::from_millis(settings.outbox.poll_interval_ms),
             metrics.outbox.clone(),
-        );
+        )
+        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
         tasks.spawn(relay.run(shutdown.clone()));
     }
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
@@ -162,12 +175,14 @@ pub async fn serve(
         publish_link.clone(),
         topology,
         metrics,
+        settings.database.call_timeout(),
         shutdown.clone(),
     ));
     tasks.close();
 
     let addr = listener.local_addr().context("listener address")?;
     tracing::info!(%addr, split_owner = %split_owner, "bulkops-producer listening on {addr}");
+    let listener = crate::listener::TimedListener::new(listener, settings.http.write_timeout());
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
@@ -181,6 +196,7 @@ pub async fn serve(
     }
     publish_link.close().await;
     db.close().await.ok();
+    export_db.close().await.ok();
     tracing::info!("bulkops-producer stopped");
     Ok(())
 }

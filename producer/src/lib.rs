@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`app`]: router, middleware, background tasks and `run`.
+//! - [`listener`]: accepted connections with TCP keepalives and a write timeout.
 //! - [`routes`]: one module per resource (search, saved searches, bulk, batches, operations).
 //! - [`auth`]: JWT authentication into a [`auth::Caller`] with the user's rights.
 //! - [`extract`], [`problem`]: typed request parsing and RFC 9457 errors.
@@ -17,6 +18,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod extract;
+pub mod listener;
 pub mod monitor;
 pub mod openapi;
 pub mod problem;

@@ -25,15 +25,28 @@ pub async fn run(
     link: Arc<AmqpLink>,
     topology: Topology,
     metrics: ProducerMetrics,
+    call_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let mut exported: HashSet<(String, String)> = HashSet::new();
     loop {
-        if let Err(e) = batches(&db, &metrics, &mut exported).await {
+        if let Err(e) = bulkops_shared::db::timed(
+            call_timeout,
+            "batch gauges",
+            batches(&db, &metrics, &mut exported),
+        )
+        .await
+        {
             tracing::debug!(error = %e, "batch gauges not refreshed");
         }
         queues(&link, &topology, &metrics).await;
-        match bulkops_shared::outbox::backlog(&db).await {
+        match bulkops_shared::db::timed(
+            call_timeout,
+            "outbox gauges",
+            bulkops_shared::outbox::backlog(&db),
+        )
+        .await
+        {
             Ok((n, age)) => {
                 metrics.outbox_backlog.set(n);
                 metrics.outbox_oldest_age.set(age);

@@ -14,14 +14,29 @@
 //!   finish, so a huge batch cannot bury a later one. Small batches (a single conversion,
 //!   ten Individuals) travel on the interactive lane, which workers serve with capacity of
 //!   their own, and are published first in every round.
-//! - **Never stuck.** A batch whose split finished but whose items stopped moving for
-//!   `split.stall_after_secs` (a message lost to an operator's purge, say) is re-split:
-//!   its still-pending items are published again.
+//! - **Never stuck, never flooded.** A batch whose split finished but whose items stopped
+//!   moving for `split.stall_after_secs` (a message lost to an operator's purge, say) has
+//!   its still-pending items published again, one *generation* at a time, and only when
+//!   that can be what is missing:
+//!   - never while a worker reports waiting for an unreachable dependency
+//!     (`bulk_worker_status`, fresh within 15 s): the items are held up, not lost;
+//!   - never while the batch's lane still has ready messages in its work, retry or
+//!     dead-letter-watch queues: they may be the batch's own messages, merely waiting;
+//!   - generation g+1 only after `stall_after_secs × 2^g` more without progress (the
+//!     exponent capped at 4), claimed by one producer (optimistically, on the generation).
+//!
+//!   A generation publishes each pending item once, at most `max_in_flight_per_batch` of
+//!   them, and touches neither the split position nor `split_published`, so the in-flight
+//!   window is never lifted. The bound: the queues hold at most one ready copy of each
+//!   pending item beyond the original, plus what workers hold unacknowledged (at most
+//!   `amqp.prefetch` per worker and lane); an outage of any length adds nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkops_shared::amqp::{Outgoing, Publisher, headers, json_properties, reconnect_backoff};
+use bulkops_shared::amqp::{
+    Outgoing, Publisher, headers, json_properties, reconnect_backoff, with_timeout,
+};
 use bulkops_shared::batch::{BatchKind, Lane};
 use bulkops_shared::config::SplitSettings;
 use bulkops_shared::db::stmt;
@@ -29,7 +44,8 @@ use bulkops_shared::ids::BatchId;
 use bulkops_shared::messages::{Op, WorkMessage};
 use bulkops_shared::metrics::ProducerMetrics;
 use bulkops_shared::topology::Topology;
-use lapin::types::AMQPValue;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +65,13 @@ impl SplitHandle {
 
 /// Header carrying the publish time (Unix milliseconds), for the item latency metric.
 pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
+
+/// How recent a worker's outage report must be to hold the stall sweeper, in seconds
+/// (workers renew theirs every 5 s while they wait; a worker that recovered keeps holding
+/// the sweeper this long, while it catches up).
+const OUTAGE_REPORT_FRESH_SECS: f64 = 15.0;
+/// Largest exponent of the spacing between a batch's republish generations.
+const MAX_GENERATION_EXPONENT: i32 = 4;
 
 /// Why a split round failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +104,8 @@ pub struct Splitter {
     owner: uuid::Uuid,
     metrics: ProducerMetrics,
     handle: SplitHandle,
+    logs: bulkops_shared::ratelog::LogGate,
+    round_timeout: Duration,
 }
 
 impl Splitter {
@@ -102,7 +127,18 @@ impl Splitter {
             owner,
             metrics,
             handle,
+            logs: bulkops_shared::ratelog::LogGate::default(),
+            round_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Bounds each split round (its database calls and confirmed publishes) in time, so a
+    /// half-open connection cannot stall splitting; a round cut short is simply run again
+    /// (positions are committed per confirmed chunk).
+    #[must_use]
+    pub fn with_round_timeout(mut self, timeout: Duration) -> Self {
+        self.round_timeout = timeout;
+        self
     }
 
     fn lease_secs(&self) -> f64 {
@@ -131,7 +167,13 @@ impl Splitter {
                 }
                 self.round().await
             };
-            let pause = match round.await {
+            let bounded = match tokio::time::timeout(self.round_timeout, round).await {
+                Ok(r) => r,
+                Err(_) => Err(SplitError::Db(bulkops_shared::db::client_timeout(
+                    "split round",
+                ))),
+            };
+            let pause = match bounded {
                 Ok((published, owned)) => {
                     backoff = reconnect_backoff();
                     if published > 0 {
@@ -146,7 +188,9 @@ impl Splitter {
                 }
                 Err(e) => {
                     self.metrics.split_errors.inc();
-                    tracing::warn!(error = %e, "split round failed; retrying");
+                    if let Some(held) = self.logs.admit("round") {
+                        tracing::warn!(error = %e, repeats_since_last_line = held, "split round failed; retrying");
+                    }
                     backoff.next().unwrap_or(Duration::from_secs(5))
                 }
             };
@@ -352,30 +396,213 @@ impl Splitter {
         Ok(())
     }
 
-    /// Re-splits batches whose items stopped moving after their split finished.
-    async fn sweep_stalled(&self) -> Result<(), DbErr> {
+    /// Republishes the pending items of batches whose items stopped moving after their
+    /// split finished, one generation at a time and only when nothing says they are merely
+    /// held up (see the module's "Never stuck, never flooded").
+    async fn sweep_stalled(&self) -> Result<(), SplitError> {
         let rows = self
             .db
             .query_all_raw(stmt(
-                "UPDATE bulk_batches
-                    SET split_done_at = NULL, split_next_seq = 1, split_owner = NULL,
-                        split_lease_until = NULL, progress_at = clock_timestamp(),
-                        split_published = n_created + n_converted + n_skipped + n_failed - n_presettled
-                  WHERE id IN (SELECT id FROM bulk_batches
-                                WHERE completed_at IS NULL AND split_done_at IS NOT NULL
-                                  AND progress_at < clock_timestamp() - make_interval(secs => $1)
-                                FOR UPDATE SKIP LOCKED)
-                RETURNING id",
-                [(self.cfg.stall_after_secs as f64).into()],
+                "SELECT id, kind, lane, resplit_generation FROM bulk_batches
+                  WHERE completed_at IS NULL AND split_done_at IS NOT NULL
+                    AND progress_at < clock_timestamp()
+                        - make_interval(secs => $1 * power(2, least(resplit_generation, $2)))
+                  ORDER BY id LIMIT 20",
+                [
+                    (self.cfg.stall_after_secs as f64).into(),
+                    MAX_GENERATION_EXPONENT.into(),
+                ],
             ))
             .await?;
-        for r in rows {
-            let id: i64 = r.try_get("", "id")?;
+        let mut stalled = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let kind: String = r.try_get("", "kind")?;
+            let lane: String = r.try_get("", "lane")?;
+            stalled.push((
+                BatchId(r.try_get("", "id")?),
+                BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
+                Lane::parse(&lane).unwrap_or(Lane::Bulk),
+                r.try_get::<i32>("", "resplit_generation")?,
+            ));
+        }
+        let mut held_outage = 0;
+        let mut held_queued = 0;
+        if !stalled.is_empty() {
+            let waiting = self
+                .db
+                .query_one_raw(stmt(
+                    "SELECT count(*) AS n FROM bulk_worker_status
+                      WHERE reported_at > clock_timestamp() - make_interval(secs => $1)",
+                    [OUTAGE_REPORT_FRESH_SECS.into()],
+                ))
+                .await?
+                .map(|r| r.try_get::<i64>("", "n"))
+                .transpose()?
+                .unwrap_or(0);
+            if waiting > 0 {
+                held_outage = stalled.len() as i64;
+                if let Some(held) = self.logs.admit("held_outage") {
+                    tracing::info!(
+                        batches = stalled.len(),
+                        workers_waiting = waiting,
+                        repeats_since_last_line = held,
+                        "stalled batches are held up by an outage workers report; not republishing"
+                    );
+                }
+                stalled.clear();
+            }
+        }
+        let mut ready: std::collections::HashMap<Lane, u64> = std::collections::HashMap::new();
+        for (id, kind, lane, generation) in stalled {
+            let queued = match ready.get(&lane) {
+                Some(n) => *n,
+                None => {
+                    let n = self.ready_messages(lane).await?;
+                    ready.insert(lane, n);
+                    n
+                }
+            };
+            if queued > 0 {
+                held_queued += 1;
+                continue;
+            }
+            // One producer claims the generation; the others see it changed.
+            let claimed = self
+                .db
+                .execute_raw(stmt(
+                    "UPDATE bulk_batches
+                        SET resplit_generation = resplit_generation + 1,
+                            resplit_at = clock_timestamp(), progress_at = clock_timestamp()
+                      WHERE id = $1 AND completed_at IS NULL AND resplit_generation = $2
+                        AND progress_at < clock_timestamp()
+                            - make_interval(secs => $3 * power(2, least(resplit_generation, $4)))",
+                    [
+                        id.into(),
+                        generation.into(),
+                        (self.cfg.stall_after_secs as f64).into(),
+                        MAX_GENERATION_EXPONENT.into(),
+                    ],
+                ))
+                .await?;
+            if claimed.rows_affected() == 0 {
+                continue;
+            }
+            let n = self.republish(id, kind, lane).await?;
             tracing::warn!(
-                batch_id = id,
-                "batch stopped moving; re-publishing its pending items"
+                batch_id = %id,
+                generation = generation + 1,
+                republished = n,
+                "batch stopped moving with nothing queued for it; republished its pending items"
             );
         }
+        self.metrics
+            .split_stalled
+            .with_label_values(&["held_outage"])
+            .set(held_outage);
+        self.metrics
+            .split_stalled
+            .with_label_values(&["held_queued"])
+            .set(held_queued);
         Ok(())
+    }
+
+    /// Ready messages in the queues that may hold a message of a `lane` batch: its work
+    /// queue, its retry tiers and the dead-letter watch queue.
+    async fn ready_messages(&self, lane: Lane) -> Result<u64, SplitError> {
+        let link = self.publisher.link();
+        let channel = link.channel().await?;
+        let mut queues: Vec<String> = vec![self.topology.work_queue(lane)];
+        for tier in 1..=self.topology.retry_tiers() {
+            queues.push(self.topology.retry_queue(lane, tier));
+        }
+        queues.push(self.topology.dead_watch_queue());
+        let mut total = 0_u64;
+        let mut result = Ok(());
+        for q in &queues {
+            match with_timeout(
+                link.timeout(),
+                channel.queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            {
+                Ok(state) => total += u64::from(state.message_count()),
+                Err(e) => {
+                    // Unknown is not empty: republish nothing this round.
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let _ = with_timeout(link.timeout(), channel.close(200, "done".into())).await;
+        result?;
+        Ok(total)
+    }
+
+    /// Publishes every pending item of a batch once more (at most the in-flight window),
+    /// reading them by keyset. The split position and `split_published` stay as they are.
+    async fn republish(&self, id: BatchId, kind: BatchKind, lane: Lane) -> Result<u64, SplitError> {
+        let chunk = i64::try_from(self.cfg.chunk_size).unwrap_or(i64::MAX);
+        let cap = match self.cfg.max_in_flight_per_batch {
+            0 => u64::MAX,
+            w => w,
+        };
+        let op = match kind {
+            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
+            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
+        };
+        let queue = self.topology.work_queue(lane);
+        let mut after = 0_i64;
+        let mut published = 0_u64;
+        while published < cap {
+            let limit = chunk.min(i64::try_from(cap - published).unwrap_or(i64::MAX));
+            let rows = self
+                .db
+                .query_all_raw(stmt(
+                    "SELECT seq, target_id FROM bulk_items
+                      WHERE batch_id = $1 AND seq > $2 AND status = 'pending'
+                      ORDER BY seq LIMIT $3",
+                    [id.into(), after.into(), limit.into()],
+                ))
+                .await?;
+            let mut bodies = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let seq: i64 = r.try_get("", "seq")?;
+                after = seq;
+                bodies.push(WorkMessage::new(op, id, seq, r.try_get("", "target_id")?).encode());
+            }
+            if !bodies.is_empty() {
+                let props = json_properties().with_headers(headers(&[(
+                    PUBLISHED_AT_HEADER,
+                    AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+                )]));
+                let outgoing: Vec<Outgoing<'_>> = bodies
+                    .iter()
+                    .map(|body| Outgoing {
+                        exchange: "",
+                        routing_key: &queue,
+                        body,
+                        properties: props.clone(),
+                        mandatory: true,
+                    })
+                    .collect();
+                self.publisher.publish_all(outgoing).await?;
+                published += bodies.len() as u64;
+                self.metrics
+                    .split_republished
+                    .with_label_values(&[kind.label(), lane.as_str()])
+                    .inc_by(bodies.len() as u64);
+            }
+            if (rows.len() as i64) < limit {
+                break;
+            }
+        }
+        Ok(published)
     }
 }

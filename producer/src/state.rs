@@ -18,8 +18,13 @@ pub struct AppState(pub Arc<Inner>);
 
 /// The state's contents.
 pub struct Inner {
-    /// The CRM database.
+    /// The CRM database (accept, reads, the splitter and the relay share this pool).
     pub db: DatabaseConnection,
+    /// A small pool of its own for CSV exports (`database.export_max_connections`), so
+    /// that exports cannot take the connections accept and the splitter need.
+    pub export_db: DatabaseConnection,
+    /// CSV exports streaming now (`http.max_concurrent_exports` permits).
+    pub exports: Arc<tokio::sync::Semaphore>,
     /// Configuration.
     pub settings: Settings,
     /// Verifies the CRM's HS256 tokens.

@@ -66,6 +66,26 @@ pub struct DatabaseSettings {
     pub acquire_timeout_ms: u64,
     /// Server-side `statement_timeout` for every session, in milliseconds (0: none).
     pub statement_timeout_ms: u64,
+    /// Client-side timeout of every database call outside a chunk's transaction (batch
+    /// look-ups, the dead-letter watcher, the splitter, the outbox relay, accepting), in
+    /// milliseconds: `statement_timeout` bounds the server's work, not a half-open
+    /// connection that never answers.
+    pub call_timeout_ms: u64,
+    /// Server-side `idle_in_transaction_session_timeout` for every session, in
+    /// milliseconds (0: none): a bulkops session that leaves a transaction open and idle
+    /// (a stuck task, a half-open client connection) is ended by the server, releasing its
+    /// locks and its snapshot.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Pooled connections of the producer's CSV exports, apart from the pool that accept,
+    /// the splitter and the outbox relay use.
+    pub export_max_connections: u32,
+}
+
+impl DatabaseSettings {
+    /// [`DatabaseSettings::call_timeout_ms`] as a duration.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
 }
 
 /// `[amqp]`
@@ -155,6 +175,19 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Longest time a request may take before it is answered 503, in milliseconds.
     pub request_timeout_ms: u64,
+    /// A client that accepts no byte of its answer for this long is cut, in milliseconds
+    /// (a CSV reader that stopped reading, a half-open connection).
+    pub write_timeout_ms: u64,
+    /// CSV exports streamed at once by one producer; one more is answered 503 with
+    /// `Retry-After`.
+    pub max_concurrent_exports: usize,
+}
+
+impl HttpSettings {
+    /// [`HttpSettings::write_timeout_ms`] as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
 }
 
 /// `[metrics]`
@@ -183,6 +216,14 @@ pub struct WorkerSettings {
     pub retry_delays_ms: Vec<u64>,
     /// Longest time SIGTERM waits for chunks in hand to finish, in seconds.
     pub drain_timeout_secs: u64,
+    /// Longest a chunk's transaction may take, client-side, in milliseconds; its backend's
+    /// query is then cancelled and the chunk retried (counted). 0: twice
+    /// `database.statement_timeout_ms` (120 s when that is 0 too).
+    pub chunk_timeout_ms: u64,
+    /// How long a worker waits, with backoff, for a Redis that refuses lock writes (OOM,
+    /// READONLY, MOVED, …) or does not answer, before it carries on without locks (the
+    /// database decides) until Redis takes lock writes again, in milliseconds.
+    pub lock_bypass_after_ms: u64,
 }
 
 /// `[split]`
@@ -255,6 +296,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("database.min_connections", "1"),
     ("database.acquire_timeout_ms", "5000"),
     ("database.statement_timeout_ms", "60000"),
+    ("database.call_timeout_ms", "15000"),
+    ("database.idle_in_transaction_timeout_ms", "60000"),
+    ("database.export_max_connections", "2"),
     ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f"),
     ("amqp.prefix", "bulkops"),
     ("amqp.events_exchange", "crm.events"),
@@ -271,6 +315,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("http.bind", "127.0.0.1:8080"),
     ("http.body_limit_bytes", "4194304"),
     ("http.request_timeout_ms", "30000"),
+    ("http.write_timeout_ms", "30000"),
+    ("http.max_concurrent_exports", "4"),
     ("metrics.bind", "127.0.0.1:9090"),
     ("worker.concurrency", "2"),
     ("worker.chunk_size", "250"),
@@ -278,6 +324,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("worker.max_attempts", "5"),
     ("worker.in_process_retries", "3"),
     ("worker.drain_timeout_secs", "25"),
+    ("worker.chunk_timeout_ms", "0"),
+    ("worker.lock_bypass_after_ms", "10000"),
     ("split.chunk_size", "2000"),
     ("split.max_in_flight_per_batch", "20000"),
     ("split.interactive_max_items", "100"),
@@ -426,6 +474,16 @@ impl Settings {
                 "database.min_connections must not exceed database.max_connections",
             ));
         }
+        positive(self.database.call_timeout_ms, "database.call_timeout_ms")?;
+        positive(
+            self.database.export_max_connections.into(),
+            "database.export_max_connections",
+        )?;
+        positive(self.http.write_timeout_ms, "http.write_timeout_ms")?;
+        positive(
+            self.http.max_concurrent_exports as u64,
+            "http.max_concurrent_exports",
+        )?;
         positive(self.amqp.prefetch.into(), "amqp.prefetch")?;
         positive(self.amqp.delivery_limit.into(), "amqp.delivery_limit")?;
         positive(self.amqp.confirm_window as u64, "amqp.confirm_window")?;
@@ -513,6 +571,20 @@ impl WorkerSettings {
     /// Lock lifetime as a duration.
     pub fn lock_ttl(&self) -> Duration {
         Duration::from_millis(self.lock_ttl_ms)
+    }
+
+    /// The chunk timeout in force, given the session's statement timeout.
+    pub fn chunk_timeout(&self, statement_timeout_ms: u64) -> Duration {
+        Duration::from_millis(match (self.chunk_timeout_ms, statement_timeout_ms) {
+            (0, 0) => 120_000,
+            (0, ms) => ms.saturating_mul(2),
+            (ms, _) => ms,
+        })
+    }
+
+    /// [`WorkerSettings::lock_bypass_after_ms`] as a duration.
+    pub fn lock_bypass_after(&self) -> Duration {
+        Duration::from_millis(self.lock_bypass_after_ms)
     }
 
     /// Retry tier delays as durations.

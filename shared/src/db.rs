@@ -15,7 +15,7 @@
 //! role under an open connection) is transient: it is retried and its connection, back in
 //! the pool, fails the check and is replaced.
 //!
-//! Session settings (`statement_timeout`, `extra_float_digits`) are set with one `SET` right
+//! Session settings (timeouts, keepalives, `extra_float_digits`) are set with one `SET` right
 //! after connecting, not in the startup packet: PgBouncer refuses the startup parameters
 //! `options` and `extra_float_digits` ("unsupported startup parameter") unless told to
 //! ignore them, and ignoring `options` would silently drop the timeout.
@@ -38,6 +38,24 @@ use secrecy::ExposeSecret;
 
 use crate::config::DatabaseSettings;
 
+/// Longest the pool waits for a returned connection to prove it is usable (the "ping on
+/// release" of sqlx); a connection dropped mid-call on a half-open socket would otherwise
+/// hold its pool slot until the kernel gives up.
+const RELEASE_PING: Duration = Duration::from_secs(2);
+
+/// Server-side session settings of every bulkops connection (beside `statement_timeout`):
+/// the server probes an idle client socket after 10 s, every 5 s, 3 times, and drops a
+/// connection whose sent data stays unacknowledged for 30 s, so it ends the backend (and
+/// its locks) of a client that vanished. sqlx sets no client-side socket options, so these,
+/// the client-side timeouts on every call and the bounded ping on release are what notice
+/// a half-open connection here (see `net`).
+const KEEPALIVE_SETTINGS: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
 /// Opens the pool. Connections are made lazily, so a database that is down at start-up
 /// makes `/readyz` answer 503 instead of stopping the process; it comes back by itself.
 ///
@@ -53,7 +71,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .connect_lazy(true)
         .sqlx_logging(false);
     opts.map_sqlx_postgres_opts(|o| o.application_name("bulkops").extra_float_digits(None));
-    let session = session_setup_sql(settings.statement_timeout_ms);
+    let session = session_setup_sql(settings);
     opts.map_sqlx_postgres_pool_opts(move |pool| {
         let session = session.clone();
         pool.after_connect(move |conn, _| {
@@ -78,18 +96,41 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
                 Ok(!read_only(row.as_ref()))
             })
         })
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                use sea_orm::sqlx::Connection;
+                match tokio::time::timeout(RELEASE_PING, conn.ping()).await {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(e)) => Err(e),
+                    // The pool then closes it without a goodbye (nothing would arrive).
+                    Err(_) => Err(sea_orm::sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection did not answer on release",
+                    ))),
+                }
+            })
+        })
     });
     sea_orm::Database::connect(opts).await
 }
 
 const READ_ONLY_CHECK: &str = "SHOW transaction_read_only";
 
-/// The session settings and the primary check, sent as one simple query after connecting.
-fn session_setup_sql(statement_timeout_ms: u64) -> String {
-    // Integer milliseconds: nothing here comes from outside the typed configuration.
-    format!(
-        "SET statement_timeout = {statement_timeout_ms}; SET extra_float_digits = 3; {READ_ONLY_CHECK}"
-    )
+/// The session settings and the primary check, sent as one simple query after connecting:
+/// the timeouts, the keepalives of [`KEEPALIVE_SETTINGS`], and `SHOW transaction_read_only`
+/// last.
+fn session_setup_sql(settings: &DatabaseSettings) -> String {
+    // Integers and constants only: nothing here comes from outside the typed configuration.
+    let mut sql = format!(
+        "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}; SET extra_float_digits = 3;",
+        settings.statement_timeout_ms, settings.idle_in_transaction_timeout_ms
+    );
+    for (name, value) in KEEPALIVE_SETTINGS {
+        sql.push_str(&format!(" SET {name} = {value};"));
+    }
+    sql.push(' ');
+    sql.push_str(READ_ONLY_CHECK);
+    sql
 }
 
 /// Whether a `SHOW transaction_read_only` row says the server cannot take writes (a
@@ -130,6 +171,9 @@ pub fn sqlstate(err: &DbErr) -> Option<String> {
 /// timed out, the server is restarting or is no longer the primary (a failover), or the
 /// transaction lost a deadlock or serialization race. Everything else (constraint violations, bad SQL) is permanent.
 pub fn is_transient(err: &DbErr) -> bool {
+    if is_client_timeout(err) {
+        return true;
+    }
     if let Some(code) = sqlstate(err) {
         return matches!(
             code.as_str(),
@@ -159,6 +203,36 @@ pub fn is_transient(err: &DbErr) -> bool {
             )
         }
         _ => false,
+    }
+}
+
+/// What a client-side timeout error's message starts with.
+const CLIENT_TIMEOUT: &str = "no answer from the database within the client-side timeout";
+
+/// The error of a database call that did not finish within its client-side timeout
+/// (`what` names the call, never data).
+pub fn client_timeout(what: &str) -> DbErr {
+    DbErr::Custom(format!("{CLIENT_TIMEOUT} ({what})"))
+}
+
+/// Whether `err` is a [`client_timeout`].
+pub fn is_client_timeout(err: &DbErr) -> bool {
+    matches!(err, DbErr::Custom(m) if m.starts_with(CLIENT_TIMEOUT))
+}
+
+/// Runs a database call with a client-side timeout: `statement_timeout` bounds the
+/// server's work, not a half-open connection that never answers.
+///
+/// # Errors
+/// The call's own error, or [`client_timeout`].
+pub async fn timed<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, DbErr>>,
+) -> Result<T, DbErr> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => Err(client_timeout(what)),
     }
 }
 

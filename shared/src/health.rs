@@ -2,7 +2,8 @@
 //! pool checked is to a writable primary, the broker link is connected, and Redis can take
 //! locks ([`Locks::ping`]: the server answers `PING`; in cluster mode every master does; in
 //! sentinel mode the node the Sentinels name answers as master), each within a short
-//! timeout. The result also feeds `bulkops_dependency_up`.
+//! timeout. The result also feeds `bulkops_dependency_up`. A process may add what it knows
+//! beyond reachability to [`Readiness::degraded`] (a worker whose Redis refuses lock writes).
 
 use std::time::Duration;
 
@@ -28,6 +29,11 @@ pub struct Readiness {
     pub broker: bool,
     /// Redis answered.
     pub redis: bool,
+    /// Dependencies that answer but are not used as intended, and why (e.g.
+    /// `redis_locks_bypassed`: Redis refuses lock writes, the worker carries on without
+    /// locks). A degraded process is still ready: it gets its work done correctly.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<&'static str>,
 }
 
 /// Checks the dependencies a process needs (`locks` is `None` for one that needs no Redis).
@@ -60,5 +66,6 @@ pub async fn check(
         database,
         broker,
         redis,
+        degraded: Vec::new(),
     }
 }

@@ -16,6 +16,7 @@
 //! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
 //! - [`db`]: the PostgreSQL pool and error classification.
 //! - [`lock`]: Redis locks (SET NX PX with a token, compare-and-delete release).
+//! - [`net`]: TCP keepalives, so a half-open connection is noticed in seconds.
 //! - [`filter`]: the Individual search filter, parsed into a typed value and turned into SQL.
 //! - [`mapping`]: the field mappings of the create and convert rules, as data and pure
 //!   functions that turn that data into SQL.
@@ -24,6 +25,7 @@
 //! - [`outbox`]: the transactional outbox and its relay to the events exchange.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`health`]: dependency checks behind `/readyz`.
+//! - [`ratelog`]: log lines that stay few when a failure repeats.
 //! - [`shutdown`]: the SIGINT/SIGTERM future injected into every `run()`.
 
 pub mod amqp;
@@ -37,9 +39,11 @@ pub mod lock;
 pub mod mapping;
 pub mod messages;
 pub mod metrics;
+pub mod net;
 pub mod outbox;
 pub mod permissions;
 pub mod progress;
+pub mod ratelog;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -107,6 +107,100 @@ pub enum LockError {
     Timeout(Duration),
 }
 
+/// What a [`LockError`] means for the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockErrorKind {
+    /// Redis could not be reached, the connection dropped, or it did not answer in time: a
+    /// `PING` tells whether it is down.
+    Unreachable,
+    /// Redis answered, but refused the command: it may well answer `PING` meanwhile.
+    Refused(Refusal),
+}
+
+/// Why a Redis that answers refused a lock command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `-OOM`: `maxmemory` reached with a `noeviction` policy; writes are refused until an
+    /// operator frees memory.
+    OutOfMemory,
+    /// `-READONLY`: a replica (typically a master demoted by a failover).
+    ReadOnly,
+    /// `-MOVED` / `-ASK`: a cluster node that does not own the key's slot (resharding,
+    /// failover, a stale slot map).
+    Moved,
+    /// `-NOSCRIPT` after the script was loaded again (script cache flushed, a failover to
+    /// a node without it).
+    NoScript,
+    /// `-BUSY`: a script is running for longer than `busy-reply-threshold`.
+    Busy,
+    /// `-LOADING`: the server is loading its data set.
+    Loading,
+    /// `-CLUSTERDOWN`, `-TRYAGAIN`, `-MASTERDOWN`: the cluster cannot serve the slot now.
+    ClusterDown,
+    /// `-MISCONF`: the server refuses writes because it cannot persist.
+    Misconfigured,
+    /// Any other error reply (`-NOPERM`, `-CROSSSLOT`, `-ERR …`).
+    Other,
+}
+
+impl Refusal {
+    /// The class name used in metrics and logs (bounded, no data).
+    pub fn class(self) -> &'static str {
+        match self {
+            Self::OutOfMemory => "redis_oom",
+            Self::ReadOnly => "redis_readonly",
+            Self::Moved => "redis_moved",
+            Self::NoScript => "redis_noscript",
+            Self::Busy => "redis_busy",
+            Self::Loading => "redis_loading",
+            Self::ClusterDown => "redis_clusterdown",
+            Self::Misconfigured => "redis_misconf",
+            Self::Other => "redis_refused",
+        }
+    }
+}
+
+impl LockError {
+    /// What this error says about Redis: unreachable, or answering with a refusal.
+    pub fn kind(&self) -> LockErrorKind {
+        let e = match self {
+            Self::Timeout(_) => return LockErrorKind::Unreachable,
+            Self::Redis(e) => e,
+        };
+        let refusal = match e.code() {
+            Some("OOM") => Refusal::OutOfMemory,
+            Some("READONLY") => Refusal::ReadOnly,
+            Some("MOVED" | "ASK") => Refusal::Moved,
+            Some("NOSCRIPT") => Refusal::NoScript,
+            Some("BUSY") => Refusal::Busy,
+            Some("LOADING") => Refusal::Loading,
+            Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN") => Refusal::ClusterDown,
+            Some("MISCONF") => Refusal::Misconfigured,
+            Some(_) => Refusal::Other,
+            None if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal() =>
+            {
+                return LockErrorKind::Unreachable;
+            }
+            None => match e.kind() {
+                redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => Refusal::Other,
+                _ => return LockErrorKind::Unreachable,
+            },
+        };
+        LockErrorKind::Refused(refusal)
+    }
+
+    /// The class name used in metrics and logs: `redis_unreachable` or the refusal's.
+    pub fn class(&self) -> &'static str {
+        match self.kind() {
+            LockErrorKind::Unreachable => "redis_unreachable",
+            LockErrorKind::Refused(r) => r.class(),
+        }
+    }
+}
+
 /// Takes and releases record locks.
 #[derive(Clone)]
 pub struct Locks {
@@ -166,7 +260,8 @@ impl Locks {
         let timeout = settings.timeout();
         let backend = match settings.mode {
             RedisMode::Standalone => {
-                let client = redis::Client::open(settings.url.expose_secret())?;
+                let info = settings.url.expose_secret().into_connection_info()?;
+                let client = redis::Client::open(info.set_tcp_settings(tcp_settings()))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -480,7 +575,15 @@ impl ClusterLink {
 
     fn new(settings: &RedisSettings) -> Result<Self, LockError> {
         let timeout = settings.timeout();
-        let nodes: Vec<&str> = settings.nodes.iter().map(|n| n.expose_secret()).collect();
+        let nodes = settings
+            .nodes
+            .iter()
+            .map(|n| {
+                n.expose_secret()
+                    .into_connection_info()
+                    .map(|i| i.set_tcp_settings(tcp_settings()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let client = redis::cluster::ClusterClientBuilder::new(nodes)
             .connection_timeout(timeout)
             .response_timeout(timeout)
@@ -532,6 +635,17 @@ impl ClusterLink {
     }
 }
 
+/// Keepalives and a user timeout on every Redis socket: a half-open connection is noticed
+/// in seconds, not when the kernel gives up.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    let tcp = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(crate::net::keepalive());
+    #[cfg(target_os = "linux")]
+    let tcp = tcp.set_user_timeout(crate::net::USER_TIMEOUT);
+    tcp
+}
+
 /// The master a set of Sentinels names, and a connection to it kept until it fails.
 struct SentinelMaster {
     sentinels: tokio::sync::Mutex<SentinelClient>,
@@ -549,15 +663,23 @@ impl SentinelMaster {
             .into_connection_info()?
             .redis_settings()
             .clone();
-        let nodes: Vec<String> = settings
+        let nodes = settings
             .nodes
             .iter()
-            .map(|n| n.expose_secret().to_owned())
-            .collect();
+            .map(|n| {
+                n.expose_secret()
+                    .into_connection_info()
+                    .map(|i| i.set_tcp_settings(tcp_settings()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let sentinels = SentinelClient::build(
             nodes,
             settings.sentinel_master.clone(),
-            Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(master)),
+            Some(
+                SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(master)
+                    .set_tcp_settings(tcp_settings()),
+            ),
             SentinelServerType::Master,
         )?;
         Ok(Self {
@@ -679,5 +801,45 @@ mod tests {
             .into_iter()
             .sum();
         assert_eq!(sum, 40);
+    }
+
+    fn reply(code: &str, detail: &str) -> LockError {
+        // The error replies a real Redis sends, parsed by the redis crate itself.
+        let text = format!("-{code} {detail}\r\n");
+        match redis::parse_redis_value(text.as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => LockError::Redis(e.into()),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_an_unreachable_redis() {
+        for (code, class) in [
+            ("OOM", "redis_oom"),
+            ("READONLY", "redis_readonly"),
+            ("MOVED", "redis_moved"),
+            ("ASK", "redis_moved"),
+            ("NOSCRIPT", "redis_noscript"),
+            ("BUSY", "redis_busy"),
+            ("LOADING", "redis_loading"),
+            ("CLUSTERDOWN", "redis_clusterdown"),
+            ("TRYAGAIN", "redis_clusterdown"),
+            ("MISCONF", "redis_misconf"),
+            ("NOPERM", "redis_refused"),
+            ("ERR", "redis_refused"),
+        ] {
+            let e = reply(code, "something");
+            assert!(matches!(e.kind(), LockErrorKind::Refused(_)), "{code}");
+            assert_eq!(e.class(), class, "{code}");
+        }
+        assert_eq!(
+            LockError::Timeout(Duration::from_secs(1)).kind(),
+            LockErrorKind::Unreachable
+        );
+        let io = LockError::Redis(
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused").into(),
+        );
+        assert_eq!(io.kind(), LockErrorKind::Unreachable);
+        assert_eq!(io.class(), "redis_unreachable");
     }
 }

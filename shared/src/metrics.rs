@@ -184,6 +184,10 @@ pub struct ProducerMetrics {
     pub split_errors: IntCounter,
     /// `bulkops_split_backlog_items`
     pub split_backlog: IntGauge,
+    /// `bulkops_split_republished_total{kind,lane}`
+    pub split_republished: IntCounterVec,
+    /// `bulkops_split_stalled_batches{state}`
+    pub split_stalled: IntGaugeVec,
     /// `bulkops_split_batches_owned`
     pub split_owned: IntGauge,
     /// `bulkops_batches_active{kind}`
@@ -257,6 +261,18 @@ impl ProducerMetrics {
                 &r,
                 "bulkops_split_errors_total",
                 "Split rounds that failed (database or broker) and were retried.",
+            )?,
+            split_republished: counter_vec(
+                &r,
+                "bulkops_split_republished_total",
+                "Messages the stall sweeper published again for items of stalled batches (one generation at a time), by kind and lane.",
+                &["kind", "lane"],
+            )?,
+            split_stalled: int_gauge_vec(
+                &r,
+                "bulkops_split_stalled_batches",
+                "Stalled batches the last sweep did not republish, by why: held_outage (a worker reports waiting for a dependency), held_queued (their lane's queues still hold ready messages).",
+                &["state"],
             )?,
             split_backlog: int_gauge(
                 &r,
@@ -342,6 +358,14 @@ pub struct WorkerMetrics {
     pub inflight: IntGaugeVec,
     /// `bulkops_consumer_restarts_total{lane}`
     pub consumer_restarts: IntCounterVec,
+    /// `bulkops_failures_total{class}`
+    pub failures: IntCounterVec,
+    /// `bulkops_lock_bypassed_total{kind}`
+    pub lock_bypassed: IntCounterVec,
+    /// `bulkops_dependency_degraded{dependency}`
+    pub dependency_degraded: IntGaugeVec,
+    /// `bulkops_dependency_waiting_chunks{dependency}`
+    pub dependency_waiting: IntGaugeVec,
     /// Outbox relay metrics.
     pub outbox: std::sync::Arc<OutboxMetrics>,
     /// Dependency health.
@@ -423,6 +447,30 @@ impl WorkerMetrics {
                 "bulkops_consumer_restarts_total",
                 "Times a lane's consumer was re-established after a broker error.",
                 &["lane"],
+            )?,
+            failures: counter_vec(
+                &r,
+                "bulkops_failures_total",
+                "Failures the worker met, by class (db_<SQLSTATE>, db_connection, db_timeout, chunk_timeout, redis_unreachable, redis_oom, redis_readonly, redis_moved, …), however they were handled.",
+                &["class"],
+            )?,
+            lock_bypassed: counter_vec(
+                &r,
+                "bulkops_lock_bypassed_total",
+                "Items processed without their Redis lock because Redis refused lock writes or stayed unreachable (the database decides), by kind.",
+                &["kind"],
+            )?,
+            dependency_degraded: int_gauge_vec(
+                &r,
+                "bulkops_dependency_degraded",
+                "1 while a dependency answers but cannot be used as intended (redis: lock writes refused, locks bypassed), else 0.",
+                &["dependency"],
+            )?,
+            dependency_waiting: int_gauge_vec(
+                &r,
+                "bulkops_dependency_waiting_chunks",
+                "Chunks held unacknowledged while this worker waits for an unreachable dependency (database, redis).",
+                &["dependency"],
             )?,
             outbox: std::sync::Arc::new(OutboxMetrics::new(&r)?),
             health: HealthMetrics::new(&r)?,

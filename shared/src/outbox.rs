@@ -43,6 +43,8 @@ pub struct OutboxRelay {
     batch_size: u64,
     poll_interval: Duration,
     metrics: Arc<OutboxMetrics>,
+    round_timeout: Duration,
+    logs: crate::ratelog::LogGate,
 }
 
 /// The `occurred_at` member of every event object, as SQL for `jsonb_build_object`: events
@@ -86,6 +88,26 @@ impl OutboxRelay {
             batch_size,
             poll_interval,
             metrics,
+            round_timeout: Duration::from_secs(60),
+            logs: crate::ratelog::LogGate::default(),
+        }
+    }
+
+    /// Bounds each relay round (claim, confirmed publishes, delete, commit) in time, so a
+    /// half-open connection cannot stall the events; a round cut short leaves its rows in
+    /// the outbox (its transaction never commits) and is run again.
+    #[must_use]
+    pub fn with_round_timeout(mut self, timeout: Duration) -> Self {
+        self.round_timeout = timeout;
+        self
+    }
+
+    async fn bounded_round(&self) -> Result<usize, RelayError> {
+        match tokio::time::timeout(self.round_timeout, self.relay_once()).await {
+            Ok(r) => r,
+            Err(_) => Err(RelayError::Db(crate::db::client_timeout(
+                "outbox relay round",
+            ))),
         }
     }
 
@@ -96,7 +118,7 @@ impl OutboxRelay {
             if shutdown.is_cancelled() {
                 break;
             }
-            let pause = match self.relay_once().await {
+            let pause = match self.bounded_round().await {
                 Ok(n) => {
                     backoff = reconnect_backoff();
                     if n as u64 >= self.batch_size {
@@ -106,7 +128,9 @@ impl OutboxRelay {
                 }
                 Err(e) => {
                     self.metrics.errors.inc();
-                    tracing::warn!(error = %e, "outbox relay round failed; retrying");
+                    if let Some(held) = self.logs.admit("round") {
+                        tracing::warn!(error = %e, repeats_since_last_line = held, "outbox relay round failed; retrying");
+                    }
                     backoff.next().unwrap_or(Duration::from_secs(5))
                 }
             };
@@ -116,7 +140,7 @@ impl OutboxRelay {
             }
         }
         // One last round so that events of work finished during the drain leave promptly.
-        if let Err(e) = self.relay_once().await {
+        if let Err(e) = self.bounded_round().await {
             tracing::debug!(error = %e, "final outbox round failed; another relay will publish");
         }
     }

@@ -190,3 +190,38 @@ impl Api {
         }
     }
 }
+
+/// The sum of every series of metric `name` in a Prometheus text exposition whose labels
+/// include each `label="value"` of `filters` (0 when there is none).
+pub fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = filters
+                .iter()
+                .all(|(k, v)| labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            if !all {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+impl Api {
+    /// The text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        Ok(self
+            .send(Method::GET, "/metrics", None, None, &[])
+            .await?
+            .text)
+    }
+}

@@ -445,3 +445,28 @@ pub async fn release_amqp(
         let _ = ch.exchange_delete(x.into(), Default::default()).await;
     }
 }
+
+/// Messages (ready and unacknowledged) in every queue on the machine's broker whose name
+/// starts with `prefix.` (read with `rabbitmqctl`, which sees what AMQP cannot: the
+/// deliveries consumers hold).
+pub async fn queued_messages(prefix: &str) -> anyhow::Result<u64> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages",
+            "--no-table-headers",
+        ])
+        .output()
+        .await
+        .context("rabbitmqctl")?;
+    anyhow::ensure!(out.status.success(), "rabbitmqctl list_queues failed");
+    let want = format!("{prefix}.");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(name, _)| name.starts_with(&want))
+        .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+        .sum())
+}

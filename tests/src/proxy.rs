@@ -1,10 +1,12 @@
 //! A fault-injecting TCP proxy, put between the programs and PostgreSQL, RabbitMQ or Redis.
 //!
 //! It forwards bytes both ways and, on command: cuts every open connection, refuses new
-//! ones (the dependency is "down"), stalls all traffic (the dependency hangs), or cuts each
-//! connection after a number of bytes (a connection dropped mid-frame). It can also be
-//! repointed at another upstream, like a VIP or HAProxy after a failover: connections opened
-//! later go to the new upstream, open ones stay where they are unless cut.
+//! ones (the dependency is "down"), stalls all traffic (the dependency hangs), stalls only
+//! the connections open now while new ones pass (half-open connections: the peer is gone
+//! without a word, the dependency itself is fine), or cuts each connection after a number
+//! of bytes (a connection dropped mid-frame). It can also be repointed at another upstream,
+//! like a VIP or HAProxy after a failover: connections opened later go to the new upstream,
+//! open ones stay where they are unless cut.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +32,10 @@ struct State {
     cut_after: AtomicU64,
     /// Bumped by each `cut_after_bytes`; connections compare it with what they saw.
     cut_gen: AtomicU64,
+    /// Numbers the connections in the order they open.
+    opened: AtomicU64,
+    /// Connections numbered below this are stalled for good (`stall_existing`).
+    stall_below: AtomicU64,
     conns: Mutex<Vec<AbortHandle>>,
 }
 
@@ -45,6 +51,8 @@ impl FaultProxy {
             stall,
             cut_after: AtomicU64::new(0),
             cut_gen: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            stall_below: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
         });
         let st = state.clone();
@@ -100,6 +108,16 @@ impl FaultProxy {
         self.state.stall.send_replace(stalled);
     }
 
+    /// Stalls every connection open now, for good, while connections opened later pass:
+    /// what a client sees of connections that went half-open (no byte, no FIN, no RST).
+    pub fn stall_existing(&self) {
+        self.state
+            .stall_below
+            .store(self.state.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+        // Wake the copies so they look at the new bound.
+        self.state.stall.send_modify(|_| {});
+    }
+
     /// Cuts each connection open now after it forwards `bytes` more bytes (in either
     /// direction): mid-frame for any protocol with frames longer than that. Connections
     /// opened later pass normally.
@@ -122,6 +140,7 @@ impl Drop for FaultProxy {
 
 /// One proxied connection's cut budget, shared by its two directions.
 struct Conn {
+    id: u64,
     gen_seen: AtomicU64,
     remaining: AtomicU64,
 }
@@ -132,6 +151,7 @@ async fn pipe(client: TcpStream, server: TcpStream, state: Arc<State>) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let conn = Arc::new(Conn {
+        id: state.opened.fetch_add(1, Ordering::SeqCst),
         gen_seen: AtomicU64::new(state.cut_gen.load(Ordering::SeqCst)),
         remaining: AtomicU64::new(u64::MAX),
     });
@@ -156,7 +176,7 @@ where
     let mut buf = vec![0_u8; 16 * 1024];
     let mut stall = state.stall.subscribe();
     loop {
-        while *stall.borrow_and_update() {
+        while *stall.borrow_and_update() || conn.id < state.stall_below.load(Ordering::SeqCst) {
             if stall.changed().await.is_err() {
                 return Ok(());
             }

@@ -95,6 +95,106 @@ impl RedisInstance {
         wait_port(self.port, Duration::from_secs(10)).await
     }
 
+    async fn admin(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    /// Fills it with junk, then sets `maxmemory` below what it uses, with `noeviction`:
+    /// from then on every write (a `SET`, a script that may write) is refused with `-OOM`,
+    /// while reads and `PING` still answer. Returns the refusal a `SET` gets.
+    pub async fn refuse_writes(&self) -> anyhow::Result<String> {
+        let mut c = self.admin().await?;
+        let filler = "x".repeat(4096);
+        for i in 0..1000 {
+            let _: () = redis::cmd("SET")
+                .arg(format!("filler:{i}"))
+                .arg(&filler)
+                .query_async(&mut c)
+                .await?;
+        }
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        let used: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("used_memory")?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction")
+            .query_async(&mut c)
+            .await?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg((used / 2).to_string())
+            .query_async(&mut c)
+            .await?;
+        let refused: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("probe")
+            .arg("1")
+            .query_async(&mut c)
+            .await;
+        let pong: String = redis::cmd("PING").query_async(&mut c).await?;
+        match refused {
+            Err(e) if pong == "PONG" => Ok(e.to_string()),
+            Err(e) => bail!("PING answered {pong} ({e})"),
+            Ok(()) => bail!("writes are still accepted"),
+        }
+    }
+
+    /// Lifts [`RedisInstance::refuse_writes`].
+    pub async fn accept_writes(&self) -> anyhow::Result<()> {
+        let mut c = self.admin().await?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("0")
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Zeroes the command statistics.
+    pub async fn reset_stats(&self) -> anyhow::Result<()> {
+        let mut c = self.admin().await?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Calls of the given commands since the last [`RedisInstance::reset_stats`], refused
+    /// and failed ones included (`INFO commandstats`: calls + rejected_calls).
+    pub async fn command_calls(&self, commands: &[&str]) -> anyhow::Result<u64> {
+        let mut c = self.admin().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await?;
+        let mut n = 0;
+        for line in info.lines() {
+            let Some((name, stats)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            if !commands.contains(&name) {
+                continue;
+            }
+            for kv in stats.split(',') {
+                if let Some(("calls" | "rejected_calls", v)) = kv.split_once('=') {
+                    n += v.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Stops it.
     pub async fn stop(&mut self, how: Stop) {
         if let Some(mut c) = self.child.take() {

@@ -57,10 +57,11 @@ impl AckTracker {
             return;
         };
         st.to_ack = st.to_ack.split_off(&(upto + 1));
-        let sent = self
-            .channel
-            .basic_ack(upto, BasicAckOptions { multiple: true })
-            .await;
+        let sent = bounded(
+            self.channel
+                .basic_ack(upto, BasicAckOptions { multiple: true }),
+        )
+        .await;
         if sent.is_err() {
             // The channel is gone: the broker redelivers, and processing again changes nothing.
             self.metrics.ack_failures.inc();
@@ -83,19 +84,20 @@ impl AckTracker {
             return;
         }
         let sent = if requeue {
-            self.channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await
+            bounded(self.channel.basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            ))
+            .await
         } else {
-            self.channel
-                .basic_reject(tag, BasicRejectOptions { requeue: false })
-                .await
+            bounded(
+                self.channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false }),
+            )
+            .await
         };
         if sent.is_err() {
             self.metrics.ack_failures.inc();
@@ -104,14 +106,27 @@ impl AckTracker {
         let watermark = st.in_progress.first().copied().unwrap_or(u64::MAX);
         if let Some(upto) = st.to_ack.range(..watermark).next_back().copied() {
             st.to_ack = st.to_ack.split_off(&(upto + 1));
-            if self
-                .channel
-                .basic_ack(upto, BasicAckOptions { multiple: true })
-                .await
-                .is_err()
+            if bounded(
+                self.channel
+                    .basic_ack(upto, BasicAckOptions { multiple: true }),
+            )
+            .await
+            .is_err()
             {
                 self.metrics.ack_failures.inc();
             }
         }
     }
+}
+
+/// Longest an ack, nack or reject may take to leave: a stalled connection is noticed by
+/// the heartbeat, but the settling chunk must not wait for that.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A settling frame with [`SETTLE_TIMEOUT`]; a timeout counts as a failure (the broker
+/// redelivers what was not settled, and processing again changes nothing).
+async fn bounded(
+    frame: impl std::future::Future<Output = lapin::Result<()>>,
+) -> Result<(), bulkops_shared::amqp::AmqpError> {
+    bulkops_shared::amqp::with_timeout(SETTLE_TIMEOUT, frame).await
 }

@@ -4,14 +4,18 @@
 //! Everything a chunk does happens in the caller's one transaction, with set-based
 //! statements over the chunk's records:
 //!
-//! 1. lock the pending items, the Sales Records (`FOR UPDATE`) and the Individuals they
-//!    merge into; a record already converted (its row gone, its conversion logged) is
+//! 1. lock the pending items, the Sales Records and their sales policies (`FOR UPDATE`)
+//!    and the Individuals they merge into; a child row the CRM writes for a locked record
+//!    meanwhile either committed before the lock (and is moved) or waits for the
+//!    conversion and then fails (the orphan guard triggers of the migrations), so nothing
+//!    is left owned by a deleted record; a record already converted (its row gone, its conversion logged) is
 //!    `skipped`/`already_converted` naming its Individual, so a redelivered message never
 //!    makes a second Individual;
 //! 2. classify each item ([`classify`]): convert (merge or new), `forbidden`, `not_found`;
 //! 3. new Individuals get reserved ids and rule 4's fields, with agents from the assigned
-//!    user's first three Linked Agents (rule 5); merges overwrite with non-NULL values only
-//!    and write a `change_history` row for every value that changes (rule 3);
+//!    user's first three Linked Agents (rule 5); merges overwrite with non-NULL values only,
+//!    agent slots included (a slot the linked agents do not fill keeps the Individual's
+//!    agent), and write a `change_history` row for every value that changes (rule 3);
 //! 4. custom field values of every type move to the Individual's fields (rule 6);
 //! 5. the ten child tables are re-owned; non-SOA notes become one 'Conversion' note
 //!    (rule 7); sales policies in a lead-conversion status become policies with their
@@ -114,31 +118,22 @@ static INSERT_NEW_SQL: LazyLock<String> = LazyLock::new(|| {
 static MERGE_SQL: LazyLock<String> = LazyLock::new(|| {
     let set = merge_set_list(CONVERT_FIELDS, "src", "i");
     let data_changes = change_rows(CONVERT_FIELDS, "src", "i");
+    // Rule 5 fills the agent slots from the assigned user's first three Linked Agents; rule
+    // 3 says a NULL never erases: a slot they do not fill (one or two linked agents, or
+    // none, or no assigned user) keeps the Individual's agent. So an agent slot merges
+    // like any data field.
     let agent_changes = AGENT_COLUMNS
         .iter()
         .enumerate()
-        .map(|(n, col)| {
-            format!(
-                "('{col}', i.{col}::text, src.a[{k}]::text, src.a IS NOT NULL)",
-                k = n + 1
-            )
-        })
+        .map(|(n, col)| format!("('{col}', i.{col}::text, src.a[{k}]::text)", k = n + 1))
         .collect::<Vec<_>>()
         .join(", ");
     let agent_set = AGENT_COLUMNS
         .iter()
         .enumerate()
-        .map(|(n, col)| {
-            format!(
-                "{col} = CASE WHEN src.a IS NULL THEN i.{col} ELSE src.a[{k}] END",
-                k = n + 1
-            )
-        })
+        .map(|(n, col)| format!("{col} = COALESCE(src.a[{k}], i.{col})", k = n + 1))
         .collect::<Vec<_>>()
         .join(", ");
-    // Data fields change only to a non-NULL value; the agent trio changes whenever the
-    // assigned user has linked agents (rule 5), and is left alone otherwise.
-    let data_rows = data_changes.replace("::text)", "::text, NULL::boolean)");
     format!(
         "WITH src AS (
            SELECT m.ind_id, sr.*, linked.a
@@ -149,8 +144,8 @@ static MERGE_SQL: LazyLock<String> = LazyLock::new(|| {
            INSERT INTO change_history (agency_id, owner_type, owner_id, field, old_value, new_value, changed_by_user_id)
            SELECT i.agency_id, 'individual', i.id, v.field, v.old, v.new, $3
              FROM src JOIN individuals i ON i.id = src.ind_id
-            CROSS JOIN LATERAL (VALUES {data_rows}, {agent_changes}) AS v(field, old, new, agent)
-            WHERE COALESCE(v.agent, v.new IS NOT NULL) AND v.old IS DISTINCT FROM v.new
+            CROSS JOIN LATERAL (VALUES {data_changes}, {agent_changes}) AS v(field, old, new)
+            WHERE v.new IS NOT NULL AND v.old IS DISTINCT FROM v.new
            RETURNING 1
          )
          UPDATE individuals i SET {set}, {agent_set}, updated_at = now()
@@ -360,6 +355,17 @@ pub async fn apply(
             [targets.clone().into(), meta.agency_id.into()],
         ))
         .await?;
+    // The records' sales policies too: a custom field value being written for one of them
+    // holds a KEY SHARE lock on it (migrations' orphan guard), so the conversion waits for
+    // it and then moves it, or the writer waits for the conversion and then fails visibly.
+    // Either way no value is left behind on a deleted sales policy.
+    tx.execute_raw(stmt(
+        "SELECT 1 FROM sales_policies sp
+          WHERE sp.sales_record_id = ANY($1::bigint[]) AND sp.agency_id = $2
+          ORDER BY sp.id FOR UPDATE",
+        [targets.clone().into(), meta.agency_id.into()],
+    ))
+    .await?;
     let mut found: HashMap<i64, (i64, Option<i64>)> = HashMap::with_capacity(records.len());
     for r in &records {
         found.insert(
@@ -594,7 +600,7 @@ mod tests {
                 MERGE_SQL.contains(&format!("{} = COALESCE(src.{}, i.{})", f.to, f.from, f.to))
             );
             assert!(MERGE_SQL.contains(&format!(
-                "('{}', i.{}::text, src.{}::text, NULL::boolean)",
+                "('{}', i.{}::text, src.{}::text)",
                 f.to, f.to, f.from
             )));
         }
@@ -602,5 +608,11 @@ mod tests {
             assert!(CHILDREN_SQL.contains(&format!("UPDATE {t} t SET owner_type = 'individual'")));
         }
         assert_eq!(CHILD_TABLES.len() + 1, 10, "nine tables plus notes");
+        for col in AGENT_COLUMNS {
+            assert!(
+                MERGE_SQL.contains(&format!("{col} = COALESCE(src.a[")),
+                "rule 3: an unfilled agent slot keeps the Individual's value ({col})"
+            );
+        }
     }
 }

@@ -7,11 +7,16 @@
 //! skip-existing rule, whatever a Redis lock did. The same statement copies the custom
 //! fields rule 6 allows and writes a `sales_record.created` event to the outbox for each
 //! record it created; a second statement records each item's outcome, only where the item
-//! is still `pending`. Items are not locked up front: if a duplicate delivery runs the
-//! same items concurrently, the unique index makes one of the two inserts a no-op (so no
-//! second record, custom fields or event), and the `pending` guard makes its outcome
-//! update change nothing. The caller commits all of it with the batch counters; nothing is
-//! acknowledged before that commit.
+//! is still `pending`.
+//!
+//! The items a chunk decides are locked first (`FOR UPDATE`, in seq order, as conversion
+//! does), so nothing else can decide them between the insert's snapshot and the outcome
+//! update: without the lock, a duplicate delivery's dead-lettering could commit `failed`
+//! in that gap while this chunk still created the Sales Record and its event, and the
+//! ledger would contradict the records. A concurrent writer (the dead-letter watcher, a
+//! duplicate chunk) waits for the lock and then finds the item decided. The unique index
+//! stays the final guard of the skip-existing rule across batches. The caller commits all
+//! of it with the batch counters; nothing is acknowledged before that commit.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -82,6 +87,14 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// Locks the chunk's still-pending items, in seq order (one order for every writer, so
+/// two chunks over the same items cannot deadlock on them).
+const LOCK_SQL: &str = "SELECT it.seq, it.target_id
+       FROM unnest($2::bigint[]) AS s(seq)
+       JOIN bulk_items it ON it.batch_id = $1 AND it.seq = s.seq
+      WHERE it.status = 'pending'
+      ORDER BY it.seq FOR UPDATE OF it";
+
 /// The Sales Records that exist now for Individuals whose insert found one (only asked
 /// when there are such skips, which acceptance makes rare).
 const EXISTING_SQL: &str =
@@ -138,6 +151,24 @@ pub async fn apply(
     let record_type = meta
         .record_type_id
         .ok_or_else(|| DbErr::Custom(format!("batch {} has no record type", meta.id)))?;
+    let wanted: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
+    let locked = tx
+        .query_all_raw(stmt(LOCK_SQL, [meta.id.into(), wanted.into()]))
+        .await?;
+    let mut frozen: HashMap<i64, i64> = HashMap::with_capacity(locked.len());
+    for r in &locked {
+        frozen.insert(r.try_get("", "seq")?, r.try_get("", "target_id")?);
+    }
+    // Only pending items whose frozen target is the one the message names: a message that
+    // does not match its batch decides nothing (and creates nothing).
+    let items: Vec<(i64, i64)> = items
+        .iter()
+        .copied()
+        .filter(|(seq, target)| frozen.get(seq) == Some(target))
+        .collect();
+    if items.is_empty() {
+        return Ok(OutcomeDelta::default());
+    }
     let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
     let rows = tx
         .query_all_raw(stmt(
@@ -222,6 +253,10 @@ mod tests {
         }
         assert!(
             sql.contains("ON CONFLICT ON CONSTRAINT sales_records_individual_id_key DO NOTHING")
+        );
+        assert!(
+            LOCK_SQL.contains("ORDER BY it.seq FOR UPDATE OF it"),
+            "the chunk locks the items it decides, in one order"
         );
         assert!(
             !sql.contains("src.lead_date"),

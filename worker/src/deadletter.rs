@@ -3,6 +3,12 @@
 //! reaches `{prefix}.dead.watch`; workers consume that queue and record the item as
 //! `failed` with the message's reason, so a dead-lettered item still gets its one outcome
 //! and its batch still completes. The copy in `{prefix}.dead` stays for operators.
+//!
+//! Every call has a client-side timeout (the database's `database.call_timeout_ms`, the
+//! broker's `amqp.timeout_ms`), so a half-open connection cannot stall the watcher and with
+//! it every dead-lettered item's outcome. A message that cannot be recorded yet goes back
+//! to the queue after a pause that grows while the failures last (100 ms to 5 s); the
+//! warning is logged once a minute at most, with the number of repeats.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +18,7 @@ use bulkops_shared::batch::reason;
 use bulkops_shared::db::stmt;
 use bulkops_shared::messages::WorkMessage;
 use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::ratelog::LogGate;
 use bulkops_shared::topology::Topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -61,17 +68,29 @@ pub async fn record_failure(
     Ok(changed)
 }
 
+/// What the watcher needs besides the broker link.
+pub struct Watcher {
+    /// The database the outcomes go to.
+    pub db: DatabaseConnection,
+    /// Client-side timeout of each database call.
+    pub call_timeout: Duration,
+    /// Rate-limits repeated warnings.
+    pub logs: LogGate,
+}
+
 /// Watches the dead letters until `shutdown`.
 pub async fn run(
     link: Arc<AmqpLink>,
     topology: Topology,
-    db: DatabaseConnection,
+    watcher: Watcher,
     shutdown: CancellationToken,
 ) {
     let mut backoff = reconnect_backoff();
     while !shutdown.is_cancelled() {
-        if let Err(e) = watch(&link, &topology, &db, &shutdown).await {
-            tracing::warn!(error = %e, "dead-letter watcher stopped; reconnecting");
+        if let Err(e) = watch(&link, &topology, &watcher, &shutdown).await {
+            if let Some(held) = watcher.logs.admit("watch") {
+                tracing::warn!(error = %e, repeats_since_last_line = held, "dead-letter watcher stopped; reconnecting");
+            }
             let pause = backoff.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -84,7 +103,7 @@ pub async fn run(
 async fn watch(
     link: &AmqpLink,
     topology: &Topology,
-    db: &DatabaseConnection,
+    watcher: &Watcher,
     shutdown: &CancellationToken,
 ) -> Result<(), bulkops_shared::amqp::AmqpError> {
     let channel = link.channel().await?;
@@ -106,6 +125,7 @@ async fn watch(
         ),
     )
     .await?;
+    let mut pauses = failure_backoff();
     loop {
         let delivery = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -115,36 +135,67 @@ async fn watch(
                 None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
             },
         };
-        handle(db, delivery).await;
+        if handle(watcher, link.timeout(), delivery, &mut pauses).await {
+            pauses = failure_backoff();
+        }
     }
 }
 
-async fn handle(db: &DatabaseConnection, delivery: Delivery) {
+/// Pauses before a dead letter that could not be recorded comes round again.
+fn failure_backoff() -> impl Iterator<Item = Duration> {
+    use backon::{BackoffBuilder, ExponentialBuilder};
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Records one dead letter; returns whether it could be recorded (or needed nothing).
+async fn handle(
+    watcher: &Watcher,
+    amqp_timeout: Duration,
+    delivery: Delivery,
+    pauses: &mut impl Iterator<Item = Duration>,
+) -> bool {
     let Ok(msg) = WorkMessage::decode(&delivery.data) else {
         // Nothing to record for a message that names no item; the copy in the dead-letter
         // queue is what operators look at.
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        return;
+        let _ = with_timeout(amqp_timeout, delivery.acker.ack(BasicAckOptions::default())).await;
+        return true;
     };
     let why = retry::reason_of(delivery.properties.headers().as_ref())
         .unwrap_or_else(|| reason::DEAD_LETTERED.to_owned());
-    match record_failure(db, &msg, &why).await {
+    let recorded = bulkops_shared::db::timed(
+        watcher.call_timeout,
+        "record a dead letter",
+        record_failure(&watcher.db, &msg, &why),
+    )
+    .await;
+    match recorded {
         Ok(changed) => {
             if changed {
                 tracing::warn!(batch_id = %msg.batch_id, seq = msg.seq, reason = why, "item failed (dead-lettered)");
             }
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let _ =
+                with_timeout(amqp_timeout, delivery.acker.ack(BasicAckOptions::default())).await;
+            true
         }
         Err(e) => {
-            tracing::warn!(batch_id = %msg.batch_id, seq = msg.seq, error = %e, "cannot record a dead letter yet; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
+            if let Some(held) = watcher.logs.admit("record") {
+                tracing::warn!(batch_id = %msg.batch_id, seq = msg.seq, error = %e, repeats_since_last_line = held, "cannot record a dead letter yet; retrying");
+            }
+            tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))).await;
+            let _ = with_timeout(
+                amqp_timeout,
+                delivery.acker.nack(BasicNackOptions {
                     requeue: true,
                     ..BasicNackOptions::default()
-                })
-                .await;
+                }),
+            )
+            .await;
+            false
         }
     }
 }

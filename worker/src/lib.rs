@@ -10,6 +10,9 @@
 //! - [`meta`]: cached batch facts.
 //! - [`outcomes`]: recording a chunk's item outcomes in one statement.
 //! - [`retry`]: failure classes, retry tiers, attempt history headers.
+//! - [`gate`]: the record locks, waited for a bounded time and then bypassed.
+//! - [`outage`]: waiting out an unreachable dependency, once per worker in the logs.
+//! - [`status`]: the outage report that holds the producers' stall sweeper.
 //! - [`deadletter`]: records the failure of dead-lettered items.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
@@ -18,11 +21,14 @@ pub mod consumer;
 pub mod convert;
 pub mod create;
 pub mod deadletter;
+pub mod gate;
 pub mod meta;
+pub mod outage;
 pub mod outcomes;
 pub mod process;
 pub mod retry;
 pub mod server;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +58,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let db = bulkops_shared::db::connect(&settings.database)
         .await
         .context("database.url")?;
+    let control = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
+        max_connections: 1,
+        min_connections: 0,
+        ..settings.database.clone()
+    })
+    .await
+    .context("database.url")?;
     let metrics = WorkerMetrics::new().context("metrics")?;
     let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
@@ -59,20 +72,31 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-consume").context("amqp.url")?);
     let publish_link =
         Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-publish").context("amqp.url")?);
+    let outages = Arc::new(outage::Outages::new(metrics.clone()));
+    let gate = Arc::new(gate::LockGate::new(
+        locks.clone(),
+        settings.worker.lock_bypass_after(),
+        metrics.clone(),
+        outages.clone(),
+    ));
     let processor = Arc::new(Processor {
         db: db.clone(),
-        locks: locks.clone(),
-        meta: meta::MetaCache::new(db.clone()),
+        gate: gate.clone(),
+        outages: outages.clone(),
+        logs: bulkops_shared::ratelog::LogGate::default(),
+        meta: meta::MetaCache::new(db.clone(), settings.database.call_timeout()),
         publisher: Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
             .with_topology(topology.clone()),
         topology: topology.clone(),
         settings: settings.worker.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        chunk_timeout: Duration::from_millis(match settings.database.statement_timeout_ms {
-            0 => 120_000,
-            ms => ms.saturating_mul(2),
-        }),
+        chunk_timeout: settings
+            .worker
+            .chunk_timeout(settings.database.statement_timeout_ms),
+        statement_timeout: Duration::from_millis(settings.database.statement_timeout_ms),
+        call_timeout: settings.database.call_timeout(),
+        control: control.clone(),
     });
 
     let tasks = TaskTracker::new();
@@ -98,7 +122,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tasks.spawn(deadletter::run(
         consume_link.clone(),
         topology.clone(),
-        db.clone(),
+        deadletter::Watcher {
+            db: db.clone(),
+            call_timeout: settings.database.call_timeout(),
+            logs: bulkops_shared::ratelog::LogGate::default(),
+        },
         shutdown.clone(),
     ));
     let relay_stop = CancellationToken::new();
@@ -111,17 +139,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             settings.outbox.batch_size,
             Duration::from_millis(settings.outbox.poll_interval_ms),
             metrics.outbox.clone(),
-        );
+        )
+        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
         Some(tokio::spawn(relay.run(relay_stop.clone())))
     } else {
         None
     };
+    tasks.spawn(gate.clone().maintain(shutdown.clone()));
+    tasks.spawn(status::run(
+        db.clone(),
+        outages.clone(),
+        uuid::Uuid::new_v4(),
+        settings.database.call_timeout(),
+        shutdown.clone(),
+    ));
     tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
     let probe = server::Probe {
         db: db.clone(),
         links: vec![consume_link.clone(), publish_link.clone()],
         locks,
+        gate,
         metrics,
     };
     let addr = listener.local_addr().context("metrics address")?;
@@ -152,6 +190,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     consume_link.close().await;
     publish_link.close().await;
     db.close().await.ok();
+    control.close().await.ok();
     tracing::info!("bulkops-worker stopped");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! What a worker needs to know about a batch, cached briefly: a chunk of deliveries of one
-//! batch costs one lookup per few seconds, not one per message.
+//! batch costs one lookup per few seconds, not one per message. Each lookup has a
+//! client-side timeout (`database.call_timeout_ms`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -40,14 +41,16 @@ type Entry = (Instant, Arc<BatchMeta>);
 #[derive(Clone)]
 pub struct MetaCache {
     db: DatabaseConnection,
+    timeout: Duration,
     entries: Arc<Mutex<HashMap<BatchId, Entry>>>,
 }
 
 impl MetaCache {
-    /// An empty cache over `db`.
-    pub fn new(db: DatabaseConnection) -> Self {
+    /// An empty cache over `db`, each lookup bounded by `timeout`.
+    pub fn new(db: DatabaseConnection, timeout: Duration) -> Self {
         Self {
             db,
+            timeout,
             entries: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -65,7 +68,9 @@ impl MetaCache {
                 return Ok(Some(meta.clone()));
             }
         }
-        let Some(meta) = self.load(id).await? else {
+        let Some(meta) =
+            bulkops_shared::db::timed(self.timeout, "batch lookup", self.load(id)).await?
+        else {
             return Ok(None);
         };
         let meta = Arc::new(meta);

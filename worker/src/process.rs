@@ -1,16 +1,24 @@
 //! The chunk pipeline: from a handful of deliveries to committed outcomes and acks.
 //!
-//! For each batch in a chunk: take the Redis locks of every target in one round trip;
-//! run the batch's rules over the locked items in one transaction (retrying transient
-//! database failures in process), commit together with the batch counters, and only then
-//! acknowledge. Items whose lock another worker holds are retried in process after a short
-//! jittered pause, then through the delayed retry queues. Failures that outlast the retries,
-//! and permanent ones, are dead-lettered with their history; the dead-letter watcher then
-//! records the item as `failed`. Nothing is acknowledged that did not commit or move on.
+//! For each batch in a chunk: take the Redis locks of every target in one round trip
+//! (through the [`LockGate`], which waits a bounded time for a Redis that refuses or does
+//! not answer, then bypasses it); run the batch's rules over the locked items in one
+//! transaction, commit together with the batch counters, and only then acknowledge. Items
+//! whose lock another worker holds are retried in process after a short jittered pause,
+//! then through the delayed retry queues.
+//!
+//! Failures are handled by what they mean ([`crate::retry`]): one the database probe
+//! explains (it does not answer either) is waited out without spending an attempt; one it
+//! does not explain pauses with backoff and counts; a failing chunk of several items is
+//! split in halves until the failure is isolated. Failures that outlast the retries, and
+//! permanent ones, are dead-lettered with their history; the dead-letter watcher then
+//! records the item as `failed`. Nothing is acknowledged that did not commit or move on,
+//! and no path retries without a pause. Log lines are rate-limited per failure class.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use bulkops_shared::amqp::{Outgoing, Publisher};
 use bulkops_shared::batch::{BatchKind, Lane, reason};
@@ -20,14 +28,17 @@ use bulkops_shared::lock::{LockTarget, Locks};
 use bulkops_shared::messages::{Op, WorkMessage};
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::ratelog::LogGate;
 use bulkops_shared::topology::Topology;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 
 use crate::acks::AckTracker;
+use crate::gate::{Acquired, LockGate};
 use crate::meta::{BatchMeta, MetaCache};
-use crate::retry::{self, Failure, Next};
+use crate::outage::Outages;
+use crate::retry::{self, Dependency, Failure, Next};
 
 /// Header the splitter stamps with the publish time (Unix ms).
 const PUBLISHED_AT: &str = "x-published-at-ms";
@@ -48,8 +59,12 @@ pub struct Work {
 pub struct Processor {
     /// The CRM database.
     pub db: DatabaseConnection,
-    /// Record locks.
-    pub locks: Locks,
+    /// Record locks, behind the wait-then-bypass gate.
+    pub gate: Arc<LockGate>,
+    /// Outages being waited out (for logs, metrics and the status report).
+    pub outages: Arc<Outages>,
+    /// Rate-limits the log lines of repeated failures.
+    pub logs: LogGate,
     /// Batch facts.
     pub meta: MetaCache,
     /// Publishes retries and dead letters (confirmed).
@@ -62,8 +77,31 @@ pub struct Processor {
     pub metrics: WorkerMetrics,
     /// Fired at shutdown: stops waiting for a dependency that is down.
     pub shutdown: tokio_util::sync::CancellationToken,
-    /// Longest a chunk's transaction may take before it counts as a database outage.
-    pub chunk_timeout: std::time::Duration,
+    /// Longest a chunk's transaction may take (client-side) before it is cancelled and
+    /// retried.
+    pub chunk_timeout: Duration,
+    /// The session's `statement_timeout` (`database.statement_timeout_ms`; zero: none). A
+    /// chunk timeout below it becomes the chunk transaction's statement timeout.
+    pub statement_timeout: Duration,
+    /// Client-side timeout of the database calls outside the chunk's transaction.
+    pub call_timeout: Duration,
+    /// A connection of its own (a pool of one) for probing the database and cancelling
+    /// a timed-out chunk's query: neither may wait for the main pool, which the stuck
+    /// chunks themselves may hold.
+    pub control: DatabaseConnection,
+}
+
+/// How much longer than the chunk's server-side statement timeout the client waits: the
+/// server normally ends a stuck statement itself (SQLSTATE 57014) and the connection stays
+/// usable; the client-side timeout is for a server that does not answer at all.
+const CHUNK_GRACE: Duration = Duration::from_secs(1);
+
+/// What follows a failure.
+enum Then {
+    /// Try again (after the wait or pause that already happened).
+    Retry,
+    /// Stop trying here; hand the work on with this failure.
+    Stop(Failure),
 }
 
 impl Processor {
@@ -105,6 +143,7 @@ impl Processor {
     }
 
     async fn process_batch(self: &Arc<Self>, lane: Lane, batch_id: BatchId, works: Vec<Work>) {
+        let mut budget = retry::in_process_backoff(self.settings.in_process_retries);
         let meta = loop {
             match self.meta.get(batch_id).await {
                 Ok(Some(meta)) => break meta,
@@ -114,19 +153,16 @@ impl Processor {
                         .await;
                     return;
                 }
-                Err(e) => {
-                    let failure = Failure::from_db(&e);
-                    if failure.is_outage() {
-                        if self.ride_out(Dependency::Database).await {
-                            continue;
-                        }
-                        self.fail(lane, works, Failure::Interrupted).await;
+                Err(e) => match self
+                    .after_failure(Failure::from_db(&e), &mut budget, true, batch_id, &e)
+                    .await
+                {
+                    Then::Retry => continue,
+                    Then::Stop(failure) => {
+                        self.fail(lane, works, failure).await;
                         return;
                     }
-                    tracing::warn!(batch_id = %batch_id, error = %e, "cannot read the batch");
-                    self.fail(lane, works, failure).await;
-                    return;
-                }
+                },
             }
         };
         let expected_op = match meta.kind {
@@ -149,20 +185,25 @@ impl Processor {
         while !todo.is_empty() {
             let merge = if meta.kind == BatchKind::ConvertSalesRecords {
                 let ids: Vec<i64> = todo.iter().map(|w| w.msg.target_id).collect();
-                match crate::convert::merge_targets(&self.db, &meta, &ids).await {
+                let looked_up = bulkops_shared::db::timed(
+                    self.call_timeout,
+                    "merge targets",
+                    crate::convert::merge_targets(&self.db, &meta, &ids),
+                )
+                .await;
+                match looked_up {
                     Ok(m) => m,
                     Err(e) => {
-                        let failure = Failure::from_db(&e);
-                        if failure.is_outage() {
-                            if self.ride_out(Dependency::Database).await {
-                                continue;
+                        match self
+                            .after_failure(Failure::from_db(&e), &mut budget, true, batch_id, &e)
+                            .await
+                        {
+                            Then::Retry => continue,
+                            Then::Stop(failure) => {
+                                self.fail(lane, std::mem::take(&mut todo), failure).await;
+                                break;
                             }
-                            self.fail(lane, std::mem::take(&mut todo), Failure::Interrupted)
-                                .await;
-                            break;
                         }
-                        self.fail(lane, std::mem::take(&mut todo), failure).await;
-                        break;
                     }
                 }
             } else {
@@ -183,28 +224,34 @@ impl Processor {
             let mut keys: Vec<LockTarget> = todo.iter().flat_map(keys_of).collect();
             keys.sort_unstable();
             keys.dedup();
-            let held = match self
-                .locks
-                .acquire(&token, &keys, self.settings.lock_ttl())
+            let held_keys: HashSet<LockTarget> = match self
+                .gate
+                .acquire(&token, &keys, self.settings.lock_ttl(), &self.shutdown)
                 .await
             {
-                Ok(held) => held,
-                Err(e) => {
-                    tracing::warn!(batch_id = %batch_id, error = %e, "redis unavailable");
-                    if self.ride_out(Dependency::Redis).await {
-                        continue;
-                    }
+                Ok(Acquired::Held(held)) => keys
+                    .iter()
+                    .zip(&held)
+                    .filter(|(_, h)| **h)
+                    .map(|(k, _)| *k)
+                    .collect(),
+                Ok(Acquired::Bypassed) => {
+                    // The lock only saves work: the database decides (unique index, row
+                    // locks, the pending guard). Nothing to release afterwards.
+                    self.metrics
+                        .lock_bypassed
+                        .with_label_values(&[meta.kind.label()])
+                        .inc_by(todo.len() as u64);
+                    let ready = std::mem::take(&mut todo);
+                    self.commit_and_ack(lane, &meta, ready).await;
+                    break;
+                }
+                Err(crate::gate::Interrupted) => {
                     self.fail(lane, std::mem::take(&mut todo), Failure::Interrupted)
                         .await;
                     break;
                 }
             };
-            let held_keys: HashSet<LockTarget> = keys
-                .iter()
-                .zip(&held)
-                .filter(|(_, h)| **h)
-                .map(|(k, _)| *k)
-                .collect();
             let (ready, contended): (Vec<Work>, Vec<Work>) = std::mem::take(&mut todo)
                 .into_iter()
                 .partition(|w| keys_of(w).iter().all(|k| held_keys.contains(k)));
@@ -212,7 +259,7 @@ impl Processor {
                 self.commit_and_ack(lane, &meta, ready).await;
             }
             let mine: Vec<LockTarget> = held_keys.into_iter().collect();
-            if let Err(e) = self.locks.release(&token, &mine).await {
+            if let Err(e) = self.gate.locks().release(&token, &mine).await {
                 tracing::debug!(error = %e, "lock release failed; the locks expire by themselves");
             }
             if contended.is_empty() {
@@ -245,7 +292,10 @@ impl Processor {
     }
 
     /// Runs the batch's rules over `works` in one transaction (retrying transient failures
-    /// in process) and acknowledges them after the commit.
+    /// in process) and acknowledges them after the commit. A chunk of several items that
+    /// fails (other than by an outage) is split in halves, each run on its own, so that one
+    /// item's failure, permanent or not, neither fails nor spends the attempts of the
+    /// others: about 2·log2(n) transactions isolate one bad item among n.
     async fn commit_and_ack(self: &Arc<Self>, lane: Lane, meta: &Arc<BatchMeta>, works: Vec<Work>) {
         let started = Instant::now();
         let items: Vec<(i64, i64)> = works.iter().map(|w| (w.msg.seq, w.msg.target_id)).collect();
@@ -254,30 +304,15 @@ impl Processor {
                 self.record_success(lane, meta, &works, delta, started);
                 self.settle(&works, Settle::Ack).await;
             }
-            Err(Failure::Permanent(class)) if works.len() > 1 => {
-                // One bad record must not fail its neighbours: isolate it.
-                tracing::warn!(batch_id = %meta.id, class, n = works.len(), "chunk failed; retrying its items one by one");
-                for w in works {
-                    let started = Instant::now();
-                    match self
-                        .commit_with_retries(meta, &[(w.msg.seq, w.msg.target_id)])
-                        .await
-                    {
-                        Ok(delta) => {
-                            self.record_success(
-                                lane,
-                                meta,
-                                std::slice::from_ref(&w),
-                                delta,
-                                started,
-                            );
-                            self.settle(std::slice::from_ref(&w), Settle::Ack).await;
-                        }
-                        Err(f) => self.fail(lane, vec![w], f).await,
-                    }
-                }
+            Err(Failure::Interrupted) => self.fail(lane, works, Failure::Interrupted).await,
+            Err(failure) if works.len() > 1 => {
+                tracing::debug!(batch_id = %meta.id, class = failure.class(), n = works.len(), "chunk failed; splitting it to isolate the failure");
+                let mut first = works;
+                let second = first.split_off(first.len() / 2);
+                Box::pin(self.commit_and_ack(lane, meta, first)).await;
+                Box::pin(self.commit_and_ack(lane, meta, second)).await;
             }
-            Err(f) => self.fail(lane, works, f).await,
+            Err(failure) => self.fail(lane, works, failure).await,
         }
     }
 
@@ -314,58 +349,130 @@ impl Processor {
         }
     }
 
+    /// Runs one chunk, waiting out outages and retrying unexplained transient failures
+    /// with a pause (counted). A chunk of several items is not retried in process after an
+    /// unexplained failure: the caller splits it instead.
     async fn commit_with_retries(
         &self,
         meta: &BatchMeta,
         items: &[(i64, i64)],
     ) -> Result<OutcomeDelta, Failure> {
-        let mut backoff = retry::in_process_backoff(self.settings.in_process_retries);
+        let mut budget = retry::in_process_backoff(self.settings.in_process_retries);
         loop {
-            match self.commit(meta, items).await {
+            let (failure, err) = match self.commit(meta, items).await {
                 Ok(delta) => return Ok(delta),
-                Err(e) => {
-                    let failure = Failure::from_db(&e);
-                    if failure.is_outage() {
-                        // The commit may or may not have happened; running the chunk again
-                        // is safe either way (items leave `pending` once).
-                        if self.ride_out(Dependency::Database).await {
-                            continue;
-                        }
-                        return Err(Failure::Interrupted);
-                    }
-                    if let Failure::Transient(class) = &failure
-                        && let Some(pause) = backoff.next()
-                    {
-                        tracing::debug!(batch_id = %meta.id, class, "transient database failure; retrying");
-                        self.metrics
-                            .retries
-                            .with_label_values(&[meta.kind.label(), "in_process"])
-                            .inc();
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                    tracing::warn!(batch_id = %meta.id, error = %e, "chunk transaction failed");
-                    return Err(failure);
-                }
+                Err(ChunkError::Db(e)) => (Failure::from_db(&e), Some(e)),
+                Err(ChunkError::Timeout) => (Failure::chunk_timeout(), None),
+            };
+            // The commit may or may not have happened; running the chunk again is safe
+            // either way (items leave `pending` once).
+            let detail = err.unwrap_or_else(|| {
+                sea_orm::DbErr::Custom(format!(
+                    "chunk transaction did not finish within {:?}",
+                    self.chunk_timeout
+                ))
+            });
+            match self
+                .after_failure(failure, &mut budget, items.len() == 1, meta.id, &detail)
+                .await
+            {
+                Then::Retry => continue,
+                Then::Stop(failure) => return Err(failure),
             }
         }
     }
 
-    /// One chunk's transaction, bounded in time: a database that stops answering (a stalled
-    /// network) must not hold the chunk for ever.
+    /// Decides what follows `failure`. A failure that names the database is checked with a
+    /// probe: if the database does not answer either, this is an outage, waited out
+    /// without spending an attempt (`Retry` once it answers). Otherwise the failure is
+    /// unexplained: with `count`, it spends one of the in-process retries of `budget`
+    /// (a jittered exponential pause, then `Retry`); without, or when they are spent, it
+    /// stops with the failure for the caller to split, delay or dead-letter.
+    async fn after_failure(
+        &self,
+        failure: Failure,
+        budget: &mut impl Iterator<Item = Duration>,
+        count: bool,
+        batch_id: BatchId,
+        err: &sea_orm::DbErr,
+    ) -> Then {
+        self.metrics
+            .failures
+            .with_label_values(&[failure.class()])
+            .inc();
+        if let Some(dep) = failure.suspects()
+            && !self.probe(dep).await
+        {
+            return if self.ride_out(dep).await {
+                Then::Retry
+            } else {
+                Then::Stop(Failure::Interrupted)
+            };
+        }
+        let Failure::Transient(class) = &failure else {
+            if let Some(held) = self.logs.admit(failure.class()) {
+                tracing::warn!(batch_id = %batch_id, class = failure.class(), error = %err, repeats_since_last_line = held, "permanent database failure");
+            }
+            return Then::Stop(failure);
+        };
+        if let Some(held) = self.logs.admit(class) {
+            tracing::warn!(batch_id = %batch_id, class, error = %err, repeats_since_last_line = held, "transient failure the database probe does not explain; retrying with backoff, counted");
+        }
+        if !count {
+            return Then::Stop(failure);
+        }
+        match budget.next() {
+            Some(pause) => {
+                self.metrics
+                    .retries
+                    .with_label_values(&["any", "in_process"])
+                    .inc();
+                tokio::time::sleep(pause).await;
+                Then::Retry
+            }
+            None => Then::Stop(failure),
+        }
+    }
+
+    /// One chunk's transaction, bounded in time: a statement stuck behind a lock, or a
+    /// database that stops answering (a stalled network), must not hold the chunk for
+    /// ever. Server-side, a statement ends by itself (57014) and releases its row locks
+    /// within the chunk timeout or the session's statement timeout, whichever is shorter
+    /// (the chunk timeout is set as the transaction's own when it is). Client-side, the
+    /// chunk gives up a moment later; the backend's query is then cancelled from the
+    /// control connection (`pg_cancel_backend`), so its row locks do not outlive the
+    /// attempt and block the retry, and the dropped connection is discarded by the pool.
     async fn commit(
         &self,
         meta: &BatchMeta,
         items: &[(i64, i64)],
-    ) -> Result<OutcomeDelta, sea_orm::DbErr> {
-        match tokio::time::timeout(self.chunk_timeout, self.commit_unbounded(meta, items)).await {
-            Ok(result) => result,
-            Err(_) => Err(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::Internal(
-                format!(
-                    "chunk transaction did not finish within {:?}",
-                    self.chunk_timeout
-                ),
-            ))),
+    ) -> Result<OutcomeDelta, ChunkError> {
+        let backend = AtomicI32::new(0);
+        match tokio::time::timeout(
+            self.chunk_timeout + CHUNK_GRACE,
+            self.commit_unbounded(meta, items, &backend),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(ChunkError::Db),
+            Err(_) => {
+                let pid = backend.load(Ordering::SeqCst);
+                if pid > 0 {
+                    let cancelled = bulkops_shared::db::timed(
+                        self.call_timeout,
+                        "cancel a timed-out chunk",
+                        self.control.execute_raw(bulkops_shared::db::stmt(
+                            "SELECT pg_cancel_backend($1)",
+                            [pid.into()],
+                        )),
+                    )
+                    .await;
+                    if let Err(e) = cancelled {
+                        tracing::debug!(error = %e, "could not cancel a timed-out chunk's query; the server ends it");
+                    }
+                }
+                Err(ChunkError::Timeout)
+            }
         }
     }
 
@@ -373,8 +480,25 @@ impl Processor {
         &self,
         meta: &BatchMeta,
         items: &[(i64, i64)],
+        backend: &AtomicI32,
     ) -> Result<OutcomeDelta, sea_orm::DbErr> {
         let tx = self.db.begin().await?;
+        // One round trip: the backend to cancel if the client gives up, and, when the
+        // chunk timeout is the tighter bound, it as this transaction's statement timeout
+        // (SET LOCAL), so the server ends a stuck statement by itself.
+        let tighter =
+            self.statement_timeout.is_zero() || self.chunk_timeout < self.statement_timeout;
+        let first = if tighter {
+            bulkops_shared::db::stmt(
+                "SELECT pg_backend_pid() AS pid, set_config('statement_timeout', $1, true) AS st",
+                [format!("{}ms", self.chunk_timeout.as_millis()).into()],
+            )
+        } else {
+            bulkops_shared::db::stmt("SELECT pg_backend_pid() AS pid", [])
+        };
+        if let Some(r) = tx.query_one_raw(first).await? {
+            backend.store(r.try_get("", "pid")?, Ordering::SeqCst);
+        }
         let delta = match meta.kind {
             BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, items).await?,
             BatchKind::ConvertSalesRecords => {
@@ -448,7 +572,9 @@ impl Processor {
                         Settle::Ack
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not publish retries; returning the messages to the queue");
+                        if let Some(held) = self.logs.admit("publish_retries") {
+                            tracing::warn!(error = %e, repeats_since_last_line = held, "could not publish retries; returning the messages to the queue");
+                        }
                         Settle::Requeue
                     }
                 };
@@ -494,7 +620,9 @@ impl Processor {
                 Settle::Ack
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not dead-letter; returning the messages to the queue");
+                if let Some(held) = self.logs.admit("publish_dead_letters") {
+                    tracing::warn!(error = %e, repeats_since_last_line = held, "could not dead-letter; returning the messages to the queue");
+                }
                 Settle::Requeue
             }
         };
@@ -512,7 +640,7 @@ impl Processor {
             }
             Settle::Requeue => {
                 // Give the failing dependency a moment before the messages come round again.
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 for w in works {
                     tracker.requeue(w.delivery.delivery_tag).await;
                 }
@@ -521,51 +649,48 @@ impl Processor {
     }
 }
 
-/// A dependency the worker can wait for.
-#[derive(Debug, Clone, Copy)]
-enum Dependency {
-    Database,
-    Redis,
+/// Why a chunk's transaction did not commit.
+enum ChunkError {
+    /// The database said so.
+    Db(sea_orm::DbErr),
+    /// It outlived `worker.chunk_timeout_ms` (not a connection error: the probe decides).
+    Timeout,
 }
 
 impl Processor {
+    /// Whether `dep` answers now (within a short timeout).
+    async fn probe(&self, dep: Dependency) -> bool {
+        match dep {
+            Dependency::Database => matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.control
+                        .execute_raw(bulkops_shared::db::stmt("SELECT 1", [])),
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+            Dependency::Redis => self.gate.locks().ping().await.is_ok(),
+        }
+    }
+
     /// Waits, with backoff, until `dep` answers again. Returns false when the worker is
     /// shutting down first. Deliveries in hand stay unacknowledged meanwhile (bounded by
-    /// the prefetch), so nothing is lost and no attempt is spent on an outage.
+    /// the prefetch), so nothing is lost and no attempt is spent on an outage. It sleeps
+    /// before every probe, so a flapping dependency cannot make it spin.
     async fn ride_out(&self, dep: Dependency) -> bool {
+        let mut waiting = self.outages.enter(dep);
         let mut backoff = bulkops_shared::amqp::reconnect_backoff();
-        let mut logged = false;
         loop {
-            let up = match dep {
-                Dependency::Database => {
-                    use sea_orm::ConnectionTrait;
-                    matches!(
-                        tokio::time::timeout(
-                            std::time::Duration::from_secs(2),
-                            self.db
-                                .execute_raw(bulkops_shared::db::stmt("SELECT 1", [])),
-                        )
-                        .await,
-                        Ok(Ok(_))
-                    )
-                }
-                Dependency::Redis => self.locks.ping().await.is_ok(),
-            };
-            if up {
-                if logged {
-                    tracing::info!(dependency = ?dep, "dependency is back; resuming");
-                }
-                return true;
-            }
-            if !logged {
-                tracing::warn!(dependency = ?dep, "dependency down; holding work until it is back");
-                logged = true;
-            }
-            let pause = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
+            let pause = backoff.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 () = self.shutdown.cancelled() => return false,
                 () = tokio::time::sleep(pause) => {}
             }
+            if self.probe(dep).await {
+                return true;
+            }
+            waiting.still();
         }
     }
 }

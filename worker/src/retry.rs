@@ -1,13 +1,25 @@
 //! Failure classes, retry decisions and the attempt history a message carries.
 //!
-//! Every failure is either **transient** (a dropped or timed-out connection, a deadlock or
-//! serialization failure, a record lock held by another worker) or **permanent** (a
-//! malformed message, a batch that does not exist, an unexpected database error). Transient
-//! failures are retried a few times in process with exponential backoff and full jitter;
-//! if they persist, the message goes to a delayed retry queue (one per delay tier) and
-//! comes back later, up to `worker.max_attempts` deliveries. After that, and for every
-//! permanent failure, the message is dead-lettered with its history in headers, and the
-//! dead-letter watcher records the item as `failed` with the reason.
+//! Every failure is classified by what it means for the next attempt:
+//!
+//! - **Outage**: the failure names a dependency (a dropped or timed-out database
+//!   connection, a terminated backend, the chunk's own timeout) and a probe of that
+//!   dependency (`SELECT 1`) fails too. The worker holds the chunk and waits, with
+//!   backoff, until the dependency answers; no attempt is spent, however long it lasts.
+//! - **Counted**: a transient failure the probe does not explain (the probe answers, or
+//!   the failure names no dependency: a deadlock, a serialization failure, a statement
+//!   timeout, lock contention). It costs an attempt: a jittered exponential pause, a few
+//!   times in process, then a delayed retry queue, up to `worker.max_attempts`
+//!   deliveries; then the item ends `failed`/`retries_exhausted`. A failing chunk of many
+//!   items is split in halves first, so one bad item cannot spend its neighbours'
+//!   attempts.
+//! - **Permanent**: a malformed message, a batch that does not exist, an unexpected
+//!   database error: dead-lettered at once (after isolating the item), the item `failed`.
+//!
+//! No path retries without a pause: an outage waits between probes, a counted failure
+//! waits its backoff. Redis failures never cost an attempt: the record lock only saves
+//! work, so a Redis that refuses or does not answer is waited for a bounded time and then
+//! bypassed (see `gate`).
 //!
 //! Header values name error classes (a SQLSTATE, "lock_contention"), never record data.
 
@@ -25,6 +37,28 @@ pub const REASON: &str = "x-bulkops-reason";
 /// When the first failure happened (Unix ms).
 pub const FIRST_FAILED_AT: &str = "x-first-failed-at-ms";
 
+/// A dependency a failure can implicate, and that a worker can wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    /// PostgreSQL.
+    Database,
+    /// Redis.
+    Redis,
+}
+
+impl Dependency {
+    /// The name used in logs, metrics and `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Database => "database",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// The class of a chunk that did not finish within `worker.chunk_timeout_ms`.
+pub const CHUNK_TIMEOUT: &str = "chunk_timeout";
+
 /// A failure's class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -38,10 +72,13 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Classifies a database error.
+    /// Classifies a database error: `db_<SQLSTATE>` when the server sent one,
+    /// `db_timeout` for a client-side timeout, `db_connection` for anything else of the
+    /// connection.
     pub fn from_db(err: &sea_orm::DbErr) -> Self {
         let class = match bulkops_shared::db::sqlstate(err) {
             Some(code) => format!("db_{code}"),
+            None if bulkops_shared::db::is_client_timeout(err) => "db_timeout".to_owned(),
             None => "db_connection".to_owned(),
         };
         if bulkops_shared::db::is_transient(err) {
@@ -49,6 +86,11 @@ impl Failure {
         } else {
             Self::Permanent(class)
         }
+    }
+
+    /// A chunk whose transaction outlived `worker.chunk_timeout_ms`.
+    pub fn chunk_timeout() -> Self {
+        Self::Transient(CHUNK_TIMEOUT.to_owned())
     }
 
     /// The class name.
@@ -59,23 +101,31 @@ impl Failure {
         }
     }
 
-    /// Whether the failure means a dependency is unreachable (rather than this message or
-    /// this moment being unlucky). Such failures are not retried against the message's
-    /// attempt budget: the worker waits for the dependency and tries again, so an outage
-    /// of any length fails no item.
-    pub fn is_outage(&self) -> bool {
+    /// The dependency whose being unreachable would explain this failure, if any: the
+    /// worker probes it before deciding. A failed probe makes the failure an outage
+    /// (waited out, not counted); an answering probe leaves it unexplained (counted).
+    ///
+    /// A terminated backend (57P01, `pg_terminate_backend` or a server shutting down) is
+    /// such a failure: the connection is gone (the pool discards it); if the database
+    /// answers a fresh connection, only that session was killed and the chunk is retried
+    /// after a pause, counted; if it does not, the server is going down and the worker
+    /// waits for it.
+    pub fn suspects(&self) -> Option<Dependency> {
         match self {
-            Self::Transient(c) => {
-                c == "redis"
-                    || c == "db_connection"
+            Self::Transient(c)
+                if c == "db_connection"
+                    || c == "db_timeout"
+                    || c == CHUNK_TIMEOUT
                     || c.starts_with("db_08")
                     || matches!(
                         c.as_str(),
                         // 25006: a standby or demoted primary answered (a failover).
                         "db_57P01" | "db_57P02" | "db_57P03" | "db_53300" | "db_25006"
-                    )
+                    ) =>
+            {
+                Some(Dependency::Database)
             }
-            _ => false,
+            _ => None,
         }
     }
 }
@@ -179,21 +229,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outages_are_told_apart_from_unlucky_moments() {
+    fn failures_that_a_probe_may_explain_name_the_database() {
         for c in [
-            "redis",
             "db_connection",
+            "db_timeout",
             "db_08006",
             "db_57P01",
             "db_57P03",
+            "chunk_timeout",
             "db_25006",
         ] {
-            assert!(Failure::Transient(c.into()).is_outage(), "{c}");
+            assert_eq!(
+                Failure::Transient(c.into()).suspects(),
+                Some(Dependency::Database),
+                "{c}"
+            );
         }
         for c in ["db_40P01", "db_40001", "lock_contention", "db_57014"] {
-            assert!(!Failure::Transient(c.into()).is_outage(), "{c}");
+            assert_eq!(Failure::Transient(c.into()).suspects(), None, "{c}");
         }
-        assert!(!Failure::Permanent("db_connection".into()).is_outage());
+        assert_eq!(Failure::Permanent("db_connection".into()).suspects(), None);
+        assert_eq!(Failure::chunk_timeout().class(), "chunk_timeout");
+        let timeout = bulkops_shared::db::client_timeout("batch lookup");
+        assert_eq!(
+            Failure::from_db(&timeout),
+            Failure::Transient("db_timeout".into())
+        );
     }
 
     #[test]

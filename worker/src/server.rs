@@ -1,4 +1,10 @@
 //! The worker's own HTTP endpoint (`metrics.bind`): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! `/readyz` answers 503 while PostgreSQL, RabbitMQ or Redis does not answer. A worker
+//! whose Redis answers but refuses lock writes, and which therefore works without record
+//! locks, is still ready (200): it gets its work done correctly, and taking it out of
+//! rotation would only stop a rollout. It says so in the body (`"degraded":
+//! ["redis_locks_bypassed"]`) and in `bulkops_dependency_degraded{dependency="redis"}`.
 
 use std::sync::Arc;
 
@@ -21,6 +27,8 @@ pub struct Probe {
     pub links: Vec<Arc<AmqpLink>>,
     /// Redis.
     pub locks: Locks,
+    /// Whether the locks are bypassed.
+    pub gate: Arc<crate::gate::LockGate>,
     /// Metrics.
     pub metrics: WorkerMetrics,
 }
@@ -48,7 +56,11 @@ async fn metrics(State(p): State<Probe>) -> Response {
 
 async fn readyz(State(p): State<Probe>) -> Response {
     let links: Vec<&AmqpLink> = p.links.iter().map(AsRef::as_ref).collect();
-    let r = bulkops_shared::health::check(&p.db, &links, Some(&p.locks), &p.metrics.health).await;
+    let mut r =
+        bulkops_shared::health::check(&p.db, &links, Some(&p.locks), &p.metrics.health).await;
+    if p.gate.is_bypassing() {
+        r.degraded.push("redis_locks_bypassed");
+    }
     let status = if r.ready {
         StatusCode::OK
     } else {

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::extract::{ApiQuery, int_from_str};
 use crate::problem::{ApiError, Problem};
-use crate::routes::search::{csv_line, csv_response};
+use crate::routes::search::{Export, csv_line, csv_response, exports_busy};
 use crate::state::AppState;
 
 /// Largest page of batches or items.
@@ -357,26 +357,22 @@ pub async fn items_csv(
 ) -> Result<Response, ApiError> {
     let id = batch_id_of(&id)?;
     load_batch(&state, &caller, id).await?;
+    let Some(export) = Export::start(&state) else {
+        return Ok(exports_busy());
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let db = state.db.clone();
+    // Keyset pages, each a single statement on the exports' pool (see `search_csv`). The
+    // items are frozen and each moves from `pending` to its outcome once, so every item
+    // appears exactly once, with its status as of its page.
     tokio::spawn(async move {
-        if tx
-            .send(Ok(csv_line(&[
-                "seq",
-                "target_id",
-                "status",
-                "result_id",
-                "reason",
-            ])))
-            .await
-            .is_err()
-        {
+        let header = csv_line(&["seq", "target_id", "status", "result_id", "reason"]);
+        if !export.send(&tx, header).await {
             return;
         }
         let mut after = 0_i64;
         loop {
-            let rows = match db
-                .query_all_raw(stmt(
+            let rows = match export
+                .page(stmt(
                     "SELECT seq, target_id, status, result_id, reason FROM bulk_items
                       WHERE batch_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                     [id.into(), after.into(), CSV_PAGE.into()],
@@ -384,17 +380,13 @@ pub async fn items_csv(
                 .await
             {
                 Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(batch_id = %id, error = %e, "items.csv stream failed");
-                    let _ = tx.send(Err(std::io::Error::other("export failed"))).await;
-                    return;
-                }
+                Err(e) => return export.fail(&tx, &e).await,
             };
             let mut buf = Vec::with_capacity(rows.len() * 40);
             for r in &rows {
-                let Ok(item) = item_from_row(r) else {
-                    let _ = tx.send(Err(std::io::Error::other("export failed"))).await;
-                    return;
+                let item = match item_from_row(r) {
+                    Ok(item) => item,
+                    Err(e) => return export.fail(&tx, &e).await,
                 };
                 after = item.seq;
                 buf.extend_from_slice(&csv_line(&[
@@ -405,7 +397,7 @@ pub async fn items_csv(
                     item.reason.as_deref().unwrap_or(""),
                 ]));
             }
-            if !buf.is_empty() && tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+            if !buf.is_empty() && !export.send(&tx, bytes::Bytes::from(buf)).await {
                 return;
             }
             if (rows.len() as i64) < CSV_PAGE {

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use futures_util::StreamExt;
-use sea_orm::{AccessMode, ConnectionTrait, IsolationLevel, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -162,7 +162,16 @@ pub async fn search(
     }))
 }
 
-/// Exports every Individual the filter finds as CSV, streamed from one consistent snapshot.
+/// Exports every Individual the filter finds as CSV, streamed in keyset pages.
+///
+/// Each page is one short statement on the exports' own pool, so a slow reader holds
+/// neither a connection nor a snapshot between pages, and vacuum is never held back by an
+/// export. Without one snapshot for the whole export, consistency is per page and by id:
+/// every Individual that matches throughout the export appears exactly once (ids never
+/// change, pages follow `id > last`), one created or changed meanwhile may or may not
+/// appear, and each row shows its values as of its page. For an export of a search result
+/// that is what the CRM's own list shows while it is being paged; a point-in-time audit
+/// is the batch itself (its items are frozen at acceptance).
 #[utoipa::path(
     post, path = "/v1/individuals/search.csv", tag = "search",
     request_body = SearchCsvRequest,
@@ -171,6 +180,7 @@ pub async fn search(
         (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "No access to Individuals", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many exports at once; retry after the Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -181,10 +191,13 @@ pub async fn search_csv(
 ) -> Result<Response, ApiError> {
     require(bulkops_shared::permissions::may_search(&caller.access))?;
     let filter = checked(req.filter)?;
+    let Some(export) = Export::start(&state) else {
+        return Ok(exports_busy());
+    };
     let (tx_out, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let db = state.db.clone();
     let agency = caller.agency_id;
-    // The stream's task ends when the client goes away (send fails) or the rows run out.
+    // The stream's task ends when the client goes away or stops reading (a send fails or
+    // times out) or the rows run out; it holds an export permit until then.
     tokio::spawn(async move {
         let header = csv_line(&[
             "id",
@@ -195,69 +208,139 @@ pub async fn search_csv(
             "servicing_agent_id",
             "has_sales_record",
         ]);
-        if tx_out.send(Ok(header)).await.is_err() {
+        if !export.send(&tx_out, header).await {
             return;
         }
-        let result: Result<(), sea_orm::DbErr> = async {
-            let tx = db
-                .begin_with_config(
-                    Some(IsolationLevel::RepeatableRead),
-                    Some(AccessMode::ReadOnly),
-                )
-                .await?;
-            let mut after = 0_i64;
-            loop {
-                let mut params: Vec<Value> = vec![agency.into()];
-                let conditions = filter.to_sql("i", &mut params);
-                params.push(after.into());
-                params.push(CSV_PAGE.into());
-                let sql = format!(
-                    "SELECT {ITEM_COLUMNS} FROM individuals i
-                      WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
-                      ORDER BY i.id LIMIT ${}",
-                    params.len() - 1,
-                    params.len()
-                );
-                let rows = tx.query_all_raw(stmt(sql, params)).await?;
-                let mut buf = Vec::with_capacity(rows.len() * 64);
-                for r in &rows {
-                    let item = item_from_row(r)?;
-                    after = item.id;
-                    buf.extend_from_slice(&csv_line(&[
-                        &item.id.to_string(),
-                        item.first_name.as_deref().unwrap_or(""),
-                        item.last_name.as_deref().unwrap_or(""),
-                        item.status.as_deref().unwrap_or(""),
-                        item.state.as_deref().unwrap_or(""),
-                        &item
-                            .servicing_agent_id
-                            .map(|v| v.to_string())
-                            .unwrap_or_default(),
-                        if item.has_sales_record {
-                            "true"
-                        } else {
-                            "false"
-                        },
-                    ]));
-                }
-                if !buf.is_empty() && tx_out.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
-                    break;
-                }
-                if (rows.len() as i64) < CSV_PAGE {
-                    break;
-                }
+        let mut after = 0_i64;
+        loop {
+            let mut params: Vec<Value> = vec![agency.into()];
+            let conditions = filter.to_sql("i", &mut params);
+            params.push(after.into());
+            params.push(CSV_PAGE.into());
+            let sql = format!(
+                "SELECT {ITEM_COLUMNS} FROM individuals i
+                  WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
+                  ORDER BY i.id LIMIT ${}",
+                params.len() - 1,
+                params.len()
+            );
+            let rows = match export.page(stmt(sql, params)).await {
+                Ok(rows) => rows,
+                Err(e) => return export.fail(&tx_out, &e).await,
+            };
+            let mut buf = Vec::with_capacity(rows.len() * 64);
+            for r in &rows {
+                let item = match item_from_row(r) {
+                    Ok(item) => item,
+                    Err(e) => return export.fail(&tx_out, &e).await,
+                };
+                after = item.id;
+                buf.extend_from_slice(&csv_line(&[
+                    &item.id.to_string(),
+                    item.first_name.as_deref().unwrap_or(""),
+                    item.last_name.as_deref().unwrap_or(""),
+                    item.status.as_deref().unwrap_or(""),
+                    item.state.as_deref().unwrap_or(""),
+                    &item
+                        .servicing_agent_id
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    if item.has_sales_record {
+                        "true"
+                    } else {
+                        "false"
+                    },
+                ]));
             }
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "search.csv stream failed; the response is cut short");
-            let _ = tx_out
-                .send(Err(std::io::Error::other("export failed")))
-                .await;
+            if !buf.is_empty() && !export.send(&tx_out, bytes::Bytes::from(buf)).await {
+                return;
+            }
+            if (rows.len() as i64) < CSV_PAGE {
+                return;
+            }
         }
     });
     Ok(csv_response(rx, "individuals.csv"))
+}
+
+/// One running CSV export: its permit, its pool and its timeouts.
+pub struct Export {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    db: sea_orm::DatabaseConnection,
+    call_timeout: std::time::Duration,
+    write_timeout: std::time::Duration,
+}
+
+impl Export {
+    /// Takes an export permit, or `None` when `http.max_concurrent_exports` run already.
+    pub fn start(state: &AppState) -> Option<Self> {
+        let permit = state.exports.clone().try_acquire_owned().ok()?;
+        Some(Self {
+            _permit: permit,
+            db: state.export_db.clone(),
+            call_timeout: state.settings.database.call_timeout(),
+            write_timeout: state.settings.http.write_timeout(),
+        })
+    }
+
+    /// One page: a single statement (its own short transaction) on the exports' pool.
+    ///
+    /// # Errors
+    /// Database errors and the client-side timeout.
+    pub async fn page(
+        &self,
+        statement: sea_orm::Statement,
+    ) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
+        bulkops_shared::db::timed(
+            self.call_timeout,
+            "csv export page",
+            self.db.query_all_raw(statement),
+        )
+        .await
+    }
+
+    /// Hands a chunk to the response body; false when the client is gone or took nothing
+    /// for the write timeout (the export then ends).
+    pub async fn send(
+        &self,
+        tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        chunk: bytes::Bytes,
+    ) -> bool {
+        matches!(
+            tokio::time::timeout(self.write_timeout, tx.send(Ok(chunk))).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Ends the stream with an error (the client sees a cut response, never a short one
+    /// that looks complete).
+    pub async fn fail(
+        &self,
+        tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        err: &sea_orm::DbErr,
+    ) {
+        tracing::warn!(error = %err, "csv export failed; the response is cut short");
+        let _ = tokio::time::timeout(
+            self.write_timeout,
+            tx.send(Err(std::io::Error::other("export failed"))),
+        )
+        .await;
+    }
+}
+
+/// The 503 answer when `http.max_concurrent_exports` exports stream already.
+pub fn exports_busy() -> Response {
+    let mut response = crate::problem::problem_response(&Problem {
+        kind: "https://bulkops.dev/problems/exports-busy".to_owned(),
+        title: "Too many exports".to_owned(),
+        status: 503,
+        detail: "too many CSV exports are streaming at once; retry shortly".to_owned(),
+        errors: None,
+    });
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
 }
 
 /// One CSV record (RFC 4180 quoting), newline-terminated.

@@ -564,6 +564,88 @@ async fn agents_come_from_the_first_three_linked_agents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merging_keeps_the_agent_slots_the_linked_agents_do_not_fill() {
+    // Rules 3 and 5 together: on merge, the assigned user's first three Linked Agents fill
+    // the servicing and additional agent slots; a slot they do not fill is not NULLed (a
+    // NULL never erases the Individual's data). Only changed slots are recorded.
+    let env = crate::env("convert_merge_agents").await;
+    let db = &env.db;
+    let w = World::new(db, "Merge Agents Agency").await;
+    let old = [
+        fixture::agent(db, w.agency).await,
+        fixture::agent(db, w.agency).await,
+        fixture::agent(db, w.agency).await,
+    ];
+    let mut cases = Vec::new();
+    for n in 1..=2 {
+        let u = fixture::user(db, w.agency, "agent_crm_user").await;
+        let mut linked = Vec::new();
+        for p in 0..n {
+            let a = fixture::agent(db, w.agency).await;
+            fixture::link(db, u, a, p + 1).await;
+            linked.push(a);
+        }
+        let ind = insert(db, "individuals", &json!({"agency_id": w.agency, "first_name": format!("M{n}"),
+            "servicing_agent_id": old[0], "additional_agent_1_id": old[1], "additional_agent_2_id": old[2]})).await;
+        let sr = insert(
+            db,
+            "sales_records",
+            &json!({"agency_id": w.agency, "record_type_id": w.record_type,
+            "assigned_user_id": u, "individual_id": ind}),
+        )
+        .await;
+        cases.push((sr, ind, linked));
+    }
+    let api = env.start(1).await.expect("start");
+    let t = w.token();
+    let ids: Vec<i64> = cases.iter().map(|(sr, _, _)| *sr).collect();
+    let batch = api.convert(&t, &ids).await.expect("convert");
+    api.wait_completed(&t, batch, WAIT)
+        .await
+        .expect("completed");
+    check::convert_batch(&env, batch, &Default::default())
+        .await
+        .expect("history");
+    for (_, ind, linked) in &cases {
+        let after = row(db, "individuals", *ind).await;
+        let slots = [
+            "servicing_agent_id",
+            "additional_agent_1_id",
+            "additional_agent_2_id",
+        ];
+        for (k, slot) in slots.iter().enumerate() {
+            let want = linked.get(k).copied().unwrap_or(old[k]);
+            assert_eq!(
+                after[*slot],
+                json!(want),
+                "{slot} with {} linked agents",
+                linked.len()
+            );
+        }
+        let changed = rows(
+            db,
+            "SELECT jsonb_build_array(field, old_value, new_value) AS j FROM change_history
+              WHERE owner_type = 'individual' AND owner_id = $1 AND field LIKE '%agent%' ORDER BY field",
+            vec![(*ind).into()],
+        )
+        .await;
+        let mut want: Vec<Value> = linked
+            .iter()
+            .enumerate()
+            .map(|(k, a)| json!([slots[k], old[k].to_string(), a.to_string()]))
+            .collect();
+        want.sort_by_key(|v| v[0].as_str().unwrap_or_default().to_owned());
+        assert_eq!(
+            changed,
+            want,
+            "only the filled slots change, {} linked agents",
+            linked.len()
+        );
+    }
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_types_other_agencies_enhanced_records_and_403s() {
     let env = crate::env("convert_rights").await;
     let db = &env.db;

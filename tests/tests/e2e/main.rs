@@ -8,6 +8,8 @@
 mod api_edges;
 mod convert;
 mod create;
+mod exports;
+mod interleave;
 mod openapi;
 mod ops;
 mod privacy;

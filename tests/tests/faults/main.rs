@@ -16,6 +16,7 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod partial;
 mod scenarios;
 
 use bulkops_tests::check::Tally;
