@@ -295,6 +295,9 @@ mod tests {
     #[test]
     fn a_shard_ending_restarts_consuming() {
         assert!(matches!(delivery(None), Err(AmqpError::ConsumerEnded)));
-        assert!(matches!(delivery(Some(None)), Err(AmqpError::ConsumerEnded)));
+        assert!(matches!(
+            delivery(Some(None)),
+            Err(AmqpError::ConsumerEnded)
+        ));
     }
 }
