@@ -14,6 +14,7 @@
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
 //! - [`proxy`]: a fault-injecting TCP proxy.
+//! - [`rabbit_cluster`]: a 3-node RabbitMQ cluster of the test's own (kill, restart, leaders).
 //! - [`scenario`]: the skeleton fault and cluster scenarios share (worlds, waits, tallies).
 //! - [`services`]: PostgreSQL, RabbitMQ and Redis instances a test starts (and restarts) itself.
 
@@ -24,6 +25,7 @@ pub mod events;
 pub mod fixture;
 pub mod process;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod scenario;
 pub mod services;
 
