@@ -25,6 +25,7 @@ Run through tests/chart/run.sh, which provides the pinned virtualenv.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import importlib.metadata
 import json
@@ -47,8 +48,10 @@ SECRET_ENV = {
     "redis-url": "BULKOPS__REDIS__URL",
     "jwt-secret": "BULKOPS__AUTH__JWT_SECRET",
 }
+# Secret keys a Secret may hold and pods read only when it does (optional secretKeyRef).
+OPTIONAL_SECRET_ENV = {"amqp-urls": "BULKOPS__AMQP__URLS"}
 # Keys of config/default.toml the chart deliberately does not carry in its ConfigMap.
-SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("redis", "url")}
+SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("amqp", "urls"), ("redis", "url")}
 CHART_SET_KEYS = {("http", "bind"): "0.0.0.0:8080", ("metrics", "bind"): "0.0.0.0:9090"}
 
 
@@ -184,7 +187,7 @@ def validate_schemas(objs: list[dict], c: Checks) -> tuple[int, int]:
 
 
 def check_pod(kind_name: str, pod: dict, c: Checks, *, secret: str, secret_keys: list[str],
-              config_map: str, probes: bool) -> None:
+              config_map: str, probes: bool, optional_keys: tuple[str, ...] = ()) -> None:
     spec = pod["spec"]
     psc = spec.get("securityContext") or {}
     c.check(psc.get("runAsNonRoot") is True, f"{kind_name}: pod runAsNonRoot")
@@ -211,6 +214,11 @@ def check_pod(kind_name: str, pod: dict, c: Checks, *, secret: str, secret_keys:
         for key in secret_keys:
             ref = ((env.get(SECRET_ENV[key]) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
             c.check(ref == {"name": secret, "key": key}, f"{where}: {SECRET_ENV[key]} from Secret {secret} key {key}")
+        for key in optional_keys:
+            var = OPTIONAL_SECRET_ENV[key]
+            ref = ((env.get(var) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            c.check(ref == {"name": secret, "key": key, "optional": True},
+                    f"{where}: {var} from Secret {secret} key {key}, optional (a Secret may lack it)")
         for name, e in env.items():
             if name.startswith("BULKOPS__") and any(w in name for w in ("URL", "SECRET")):
                 c.check("value" not in e, f"{where}: {name} is not a literal value")
@@ -274,7 +282,8 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
                 f"{dname}: checksum/secret annotation exactly when the chart owns the Secret")
         sel = d["spec"]["selector"]["matchLabels"]
         c.check(sel.items() <= pod["metadata"]["labels"].items(), f"{dname}: selector matches its pod labels")
-        check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True)
+        check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True,
+                  optional_keys=tuple(OPTIONAL_SECRET_ENV))
     c.check("replicas" not in deployments.get(worker, {}).get("spec", {}) if (hpa or keda) else True,
             f"{worker}: no fixed replicas while an autoscaler owns the count")
 
@@ -319,8 +328,13 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     if existing:
         c.check(not secrets, f"existingSecret={existing}: no Secret rendered")
     else:
-        c.check(set(secrets.get(fullname, {}).get("data", {})) == set(SECRET_ENV),
-                f"Secret {fullname} has keys {', '.join(SECRET_ENV)}")
+        data = secrets.get(fullname, {}).get("data", {})
+        nodes = values["secrets"].get("amqpUrls") or []
+        want = set(SECRET_ENV) | ({"amqp-urls"} if nodes else set())
+        c.check(set(data) == want, f"Secret {fullname} has keys {', '.join(sorted(want))}")
+        if nodes:
+            got = base64.b64decode(data.get("amqp-urls", "")).decode()
+            c.check(got == ",".join(nodes), "Secret key amqp-urls holds secrets.amqpUrls, comma-separated")
 
     # Configuration.
     cms = by_kind(objects, "ConfigMap")
@@ -331,23 +345,28 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     # Autoscaling.
     hpas = by_kind(objects, "HorizontalPodAutoscaler")
     scaled = by_kind(objects, "ScaledObject")
-    auths = by_kind(objects, "TriggerAuthentication")
     c.check(bool(hpas) == hpa, f"HPA rendered: {hpa}")
-    c.check(bool(scaled) == keda and bool(auths) == keda, f"KEDA ScaledObject and TriggerAuthentication rendered: {keda}")
+    c.check(bool(scaled) == keda, f"KEDA ScaledObject rendered: {keda}")
+    c.check(not by_kind(objects, "TriggerAuthentication"), "no TriggerAuthentication rendered (KEDA reads Prometheus)")
     for h in hpas.values():
         c.check(h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker},
                 "HPA scales the worker Deployment")
     for so in scaled.values():
+        k = values["worker"]["keda"]
         c.check(so["apiVersion"] == "keda.sh/v1alpha1", "ScaledObject apiVersion keda.sh/v1alpha1")
         c.check(so["spec"]["scaleTargetRef"]["name"] == worker, "ScaledObject scales the worker Deployment")
         trig = so["spec"]["triggers"][0]
-        queue = f"{values['config']['amqp']['prefix']}.work.bulk"
-        c.check(trig["type"] == "rabbitmq" and trig["metadata"].get("queueName") == queue
-                and trig["metadata"].get("mode") == "QueueLength", f"ScaledObject triggers on rabbitmq queue length of {queue}")
-        c.check(trig.get("authenticationRef", {}).get("name") in auths, "ScaledObject uses the TriggerAuthentication")
-    for ta in auths.values():
-        c.check(ta["spec"]["secretTargetRef"] == [{"parameter": "host", "name": secret, "key": "amqp-url"}],
-                f"TriggerAuthentication reads amqp-url from Secret {secret}")
+        meta = trig.get("metadata") or {}
+        query = k["prometheus"]["query"] or (
+            f'sum(max by (lane) (bulkops_lane_backlog_items{{namespace="{NAMESPACE}", service="{producer}"}}))')
+        c.check(trig["type"] == "prometheus" and meta.get("serverAddress") == k["prometheus"]["serverAddress"],
+                "ScaledObject triggers on Prometheus at worker.keda.prometheus.serverAddress")
+        c.check(meta.get("query") == query and "bulkops_lane_backlog_items" in query,
+                f"ScaledObject queries the backlog (ready + unacknowledged + unpublished items): {query}")
+        c.check(meta.get("threshold") == str(k["backlogPerReplica"]), "ScaledObject threshold is backlogPerReplica")
+        ref = k["prometheus"]["authenticationRef"]
+        c.check(trig.get("authenticationRef") == ({"name": ref} if ref else None),
+                f"ScaledObject authenticationRef follows worker.keda.prometheus.authenticationRef ({ref or 'none'})")
 
     # Disruption budgets.
     pdbs = by_kind(objects, "PodDisruptionBudget")
@@ -394,6 +413,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     for o in everything:
         kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
     return {"kinds": kinds, "keda": keda, "hpa": hpa, "monitor": monitor, "existing": bool(existing),
+            "amqp_urls": bool(values["secrets"].get("amqpUrls")),
             "ingress": values["ingress"]["enabled"], "objects": everything}
 
 
@@ -414,7 +434,8 @@ def main() -> int:
         print("no values files in helm/bulkops/ci/")
         return 1
     summary = []
-    features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False}
+    features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False,
+                "amqp_urls": False}
     total_valid = total_skipped = 0
     for path in files:
         override = yaml.safe_load(path.read_text()) or {}
@@ -458,6 +479,14 @@ def main() -> int:
     expect_refusal(c, "min_connections above max_connections",
                    merge(creds, {"config": {"database": {"min_connections": 20}}}), "min_connections")
     expect_refusal(c, "an unknown config key", merge(creds, {"config": {"worker": {"chunksize": 5}}}), "chunksize")
+    expect_refusal(c, "KEDA without a Prometheus address",
+                   merge(creds, {"worker": {"keda": {"enabled": True}}}), "worker.keda.prometheus.serverAddress")
+    expect_refusal(c, "a cluster node URL that is not amqp://",
+                   merge(creds, {"secrets": {"amqpUrls": ["amqp://a:b@n1/%2f", "http://n2"]}}), "amqpUrls")
+    expect_refusal(c, "amqp.bulk_queues out of range", merge(creds, {"config": {"amqp": {"bulk_queues": 0}}}),
+                   "bulk_queues")
+    expect_refusal(c, "the removed keda.queueLength", merge(creds, {"worker": {"keda": {"queueLength": 5}}}),
+                   "queueLength")
 
     versions = {p: importlib.metadata.version(p) for p in ("helm-sdkpy", "kubernetes-validate", "PyYAML")}
     print()
@@ -468,7 +497,8 @@ def main() -> int:
     for line in summary:
         print(f"  {line}")
     print(f"  refusals: misspelt value key, missing secrets, worker grace period <= 30 s, "
-          f"min_connections > max_connections, unknown config key")
+          f"min_connections > max_connections, unknown config key, KEDA without Prometheus, "
+          f"a non-AMQP cluster node URL, bulk_queues out of range, the removed keda.queueLength")
     print(f"  {total_valid} objects schema-validated, {total_skipped} CRD objects (ServiceMonitor, ScaledObject, "
           f"TriggerAuthentication) not schema-validated (no schemas shipped for them)")
     print(f"{c.passed} passed, {len(c.failures)} failed")

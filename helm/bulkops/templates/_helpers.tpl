@@ -98,13 +98,16 @@ The Secret keys and the environment variables they become (CONTRACT section 5).
 {{- define "bulkops.secretEnvNames" -}}
 database-url: BULKOPS__DATABASE__URL
 amqp-url: BULKOPS__AMQP__URL
+amqp-urls: BULKOPS__AMQP__URLS
 redis-url: BULKOPS__REDIS__URL
 jwt-secret: BULKOPS__AUTH__JWT_SECRET
 {{- end }}
 
 {{/*
-Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs and its extra
-variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...) "extraEnv" LIST).
+Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs, those it reads
+when the Secret has them (optionalSecretKeys: amqp-urls, which an existingSecret may lack),
+and its extra variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...)
+"optionalSecretKeys" (list ...) "extraEnv" LIST).
 */}}
 {{- define "bulkops.env" -}}
 {{- $names := include "bulkops.secretEnvNames" . | fromYaml -}}
@@ -116,6 +119,14 @@ variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...) 
     secretKeyRef:
       name: {{ $.secretName }}
       key: {{ . }}
+{{- end }}
+{{- range .optionalSecretKeys }}
+- name: {{ get $names . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.secretName }}
+      key: {{ . }}
+      optional: true
 {{- end }}
 {{- with .extraEnv }}
 {{ toYaml . }}
@@ -160,7 +171,7 @@ Secrets never appear here; they come from the environment.
 {{- $_ := set $config "http" (merge (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.producerPort" .))) $config.http) }}
 {{- $_ = set $config "metrics" (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.workerPort" .))) -}}
 # Rendered by the bulkops chart from .Values.config (keys: config/default.toml).
-# Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL,
+# Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL(S),
 # BULKOPS__REDIS__URL, BULKOPS__AUTH__JWT_SECRET.
 {{- range $section := keys $config | sortAlpha }}
 {{- $values := get $config $section }}
@@ -182,10 +193,13 @@ periods are held above the 29 s drain limit by the schema.)
 {{- end }}
 {{- if not .Values.existingSecret }}
 {{- range $key := list "databaseUrl" "amqpUrl" "redisUrl" "jwtSecret" }}
-{{- if not (get $.Values.secrets $key) }}
+{{- if and (not (get $.Values.secrets $key)) (not (and (eq $key "amqpUrl") $.Values.secrets.amqpUrls)) }}
 {{- fail (printf "secrets.%s is required unless existingSecret names a Secret with keys database-url, amqp-url, redis-url and jwt-secret" $key) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if and .Values.worker.keda.enabled (not .Values.worker.keda.prometheus.serverAddress) }}
+{{- fail "worker.keda.prometheus.serverAddress is required when worker.keda.enabled: KEDA scales on bulkops_lane_backlog_items through Prometheus" }}
 {{- end }}
 {{- end }}
 
@@ -251,7 +265,7 @@ spec:
           protocol: TCP
       {{- end }}
       env:
-        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "extraEnv" $v.extraEnv) | nindent 8 }}
+        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "optionalSecretKeys" (.optionalSecretKeys | default list) "extraEnv" $v.extraEnv) | nindent 8 }}
       {{- with $v.livenessProbe }}
       livenessProbe:
         {{- toYaml . | nindent 8 }}
