@@ -119,10 +119,15 @@ pub async fn healthy_create_and_convert(cluster: &RabbitCluster, redis: &RedisSe
         .expect("bulk create");
     wait_done(&env, batch, CREATE_ITEMS / 4).await;
     assert_shards_spread(cluster, &env).await;
-    record(
-        "3-node RabbitMQ cluster, 3 bulk shards: bulk create",
-        finish_create(&env, batch).await,
+    let tally = finish_create(&env, batch).await;
+    // Logs name the nodes by address; no URL (with its password) is ever printed.
+    let logs = env.logs().await;
+    assert!(logs.contains("connected to the broker"), "{logs}");
+    assert!(
+        !logs.contains("amqp://") && !logs.contains("guest:guest"),
+        "a URL in the logs"
     );
+    record("3-node RabbitMQ cluster, 3 bulk shards: bulk create", tally);
     env.finish().await;
 
     let env = cluster_env("c_rabbit_convert", cluster, redis).await;
