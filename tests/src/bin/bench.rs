@@ -632,6 +632,7 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
         for shards in [1_u16, 3] {
             let mut secs = Vec::new();
             let mut broker_cpu = Vec::new();
+            let mut node_cpu: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
             let mut worker_cpu = Vec::new();
             let mut created = 0;
             for run in 0..a.runs {
@@ -645,7 +646,7 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
                 }
                 let tag = format!("cluster-{}-{shards}-{run}", urls.len());
                 let d = deploy("bulkops_bench_run", WORKERS, &extra, &tag).await?;
-                let cpu_before: f64 = nodes.iter().map(|n| n.cpu_seconds()).sum();
+                let cpu_before: Vec<f64> = nodes.iter().map(|n| n.cpu_seconds()).collect();
                 let (_, worker_before) = d.workers_usage().await;
                 let t = token(admin_user, agency);
                 let started = Instant::now();
@@ -657,8 +658,15 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
                 secs.push(started.elapsed().as_secs_f64());
                 created = n;
                 let thousands = (n as f64 / 1000.0).max(f64::MIN_POSITIVE);
-                let cpu_after: f64 = nodes.iter().map(|n| n.cpu_seconds()).sum();
-                broker_cpu.push((cpu_after - cpu_before) / thousands);
+                let per_node: Vec<f64> = nodes
+                    .iter()
+                    .zip(&cpu_before)
+                    .map(|(n, before)| (n.cpu_seconds() - before) / thousands)
+                    .collect();
+                broker_cpu.push(per_node.iter().sum());
+                for (all, one) in node_cpu.iter_mut().zip(&per_node) {
+                    all.push(*one);
+                }
                 let (_, worker_after) = d.workers_usage().await;
                 worker_cpu.push((worker_after - worker_before) / thousands);
                 d.stop().await?;
@@ -666,11 +674,20 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
             }
             let rate = created as f64 / median(secs.clone());
             let base = *baseline.get_or_insert(rate);
+            let nodes_note = if nodes.len() > 1 {
+                let each: Vec<String> = node_cpu
+                    .into_iter()
+                    .map(|v| format!("{:.2}", median(v)))
+                    .collect();
+                format!(" ({} per node)", each.join(" / "))
+            } else {
+                String::new()
+            };
             r.row(
                 &format!("{label}, amqp.bulk_queues = {shards}: bulk create, {WORKERS} workers"),
                 format!("{rate:.0} rec/s"),
                 format!(
-                    "{:.0} % of 1 node / 1 queue; {created} created in {:.2} s; broker CPU {:.2} s, workers {:.2} s per 1,000 records (medians of {})",
+                    "{:.0} % of 1 node / 1 queue; {created} created in {:.2} s; CPU s per 1,000 records: brokers {:.2}{nodes_note}, workers {:.2} (medians of {})",
                     100.0 * rate / base,
                     median(secs),
                     median(broker_cpu),
