@@ -74,6 +74,14 @@ bench: ## Benchmark against the set-based limit (N=100000 Individuals, BIG=10000
 	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
 	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --individuals $(N) --big $(BIG) --runs $(RUNS)
 
+CLUSTER_N ?= 200000
+CLUSTER_BENCH_RUNS ?= 3
+
+.PHONY: bench-cluster
+bench-cluster: ## Bulk-create records/s on a 3-node RabbitMQ cluster against one node, amqp.bulk_queues 1 and 3, in one run (CLUSTER_N=200000 Individuals, CLUSTER_BENCH_RUNS=3 medians); writes docs/PERFORMANCE.md
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --cluster --individuals $(CLUSTER_N) --runs $(CLUSTER_BENCH_RUNS)
+
 .PHONY: demo
 demo: release ## Seed a demo agency, run a producer and two workers, bulk create, convert, show progress
 	bash scripts/demo.sh

@@ -123,8 +123,11 @@ pub async fn serve(
     let metrics = ProducerMetrics::new().context("metrics")?;
     let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
-    let publish_link =
-        Arc::new(AmqpLink::new(&settings.amqp, "bulkops-producer").context("amqp.url")?);
+    let publish_link = Arc::new(
+        AmqpLink::new(&settings.amqp, "bulkops-producer")
+            .context("amqp.url / amqp.urls")?
+            .with_placement(topology.clone()),
+    );
     let split_owner = uuid::Uuid::new_v4();
     let split_handle = SplitHandle::default();
     let state = AppState(Arc::new(Inner {

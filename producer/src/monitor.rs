@@ -1,5 +1,13 @@
 //! Periodic gauges a dashboard and an autoscaler read: progress of active batches (removed
-//! once a batch completes), active batches per kind, queue depths and the outbox backlog.
+//! once a batch completes), active batches per kind, the backlog of each lane, queue depths
+//! (every shard) and the outbox backlog.
+//!
+//! The autoscaler's figure is the lane backlog, items without an outcome, read from the
+//! database: a queue's depth over AMQP counts ready messages only, so a busy queue whose
+//! messages sit prefetched in workers (1,000 unacknowledged per worker by default) reads 0
+//! and an autoscaler would scale the workers down mid-batch (kedacore/keda#356). The
+//! backlog counts those, the messages of every shard, those waiting in a retry tier and
+//! the items the metered splitter has not published yet, and needs no management API.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -72,6 +80,25 @@ async fn batches(
             [],
         ))
         .await?;
+    let backlog = db
+        .query_all_raw(stmt(
+            "SELECT lane, sum(total - n_created - n_converted - n_skipped - n_failed)::bigint AS n
+               FROM bulk_batches WHERE completed_at IS NULL GROUP BY lane",
+            [],
+        ))
+        .await?;
+    let mut by_lane = std::collections::HashMap::<String, i64>::new();
+    for r in &backlog {
+        let lane: String = r.try_get("", "lane")?;
+        let n: Option<i64> = r.try_get("", "n")?;
+        by_lane.insert(lane, n.unwrap_or(0));
+    }
+    for lane in bulkops_shared::batch::Lane::ALL {
+        metrics
+            .lane_backlog
+            .with_label_values(&[lane.as_str()])
+            .set(by_lane.get(lane.as_str()).copied().unwrap_or(0));
+    }
     let mut active_by_kind = std::collections::HashMap::<String, i64>::new();
     let mut now: HashSet<(String, String)> = HashSet::new();
     for (i, r) in rows.iter().enumerate() {

@@ -292,11 +292,13 @@ impl Splitter {
             let seq: i64 = r.try_get("", "seq")?;
             let target: i64 = r.try_get("", "target_id")?;
             last_seq = seq;
-            bodies.push(WorkMessage::new(op, batch.id, seq, target).encode());
+            // Spread over the lane's shards, so every queue leader (every node) takes a share.
+            let shard = self.topology.shard_for(batch.lane, seq);
+            bodies.push((shard, WorkMessage::new(op, batch.id, seq, target).encode()));
         }
         let exhausted = (rows.len() as i64) < limit;
         if !bodies.is_empty() {
-            let queue = self.topology.work_queue(batch.lane);
+            let queues = self.topology.work_queues(batch.lane);
             let now_ms = chrono::Utc::now().timestamp_millis();
             let props = json_properties().with_headers(headers(&[(
                 PUBLISHED_AT_HEADER,
@@ -304,9 +306,9 @@ impl Splitter {
             )]));
             let outgoing: Vec<Outgoing<'_>> = bodies
                 .iter()
-                .map(|body| Outgoing {
+                .map(|(shard, body)| Outgoing {
                     exchange: "",
-                    routing_key: &queue,
+                    routing_key: &queues[(shard - 1).min(queues.len() - 1)],
                     body,
                     properties: props.clone(),
                     mandatory: true,

@@ -6,13 +6,19 @@
 //! lapin's recovery not re-applying `basic.qos`. Publishing and consuming use separate
 //! links so that a resource alarm blocking publishers cannot stall consumers.
 //!
+//! A link knows every node of the cluster (`amqp.urls`, or `amqp.url` alone). Each
+//! connect, first or re-made, tries the nodes in turn; a link starts at a random node, so
+//! the clients of many processes spread over the cluster, and after losing a node it
+//! starts with the next one. Logs name a node by `host:port` only, never by its URL (which
+//! holds the password).
+//!
 //! [`Publisher`] publishes with publisher confirms, keeping at most `confirm_window`
 //! publishes outstanding, and treats a mandatory message returned as unroutable as a
 //! failure (lapin reports it as an ack carrying the returned message).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -48,9 +54,9 @@ pub enum AmqpError {
     /// The broker ended a consumer (queue deleted, channel closed).
     #[error("the broker ended the consumer")]
     ConsumerEnded,
-    /// The URL could not be parsed.
-    #[error("amqp.url is not a valid AMQP URL")]
-    BadUrl,
+    /// A URL could not be parsed (the message names the key, never the URL).
+    #[error("{0} is not a valid AMQP URL")]
+    BadUrl(String),
 }
 
 /// Runs `fut` with a timeout, turning an elapsed timer into [`AmqpError::Timeout`].
@@ -77,49 +83,160 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// One connection to the broker, replaced when it breaks.
-pub struct AmqpLink {
+/// One node of the cluster: where to connect, and how logs name it.
+#[derive(Clone)]
+struct Node {
     uri: AMQPUri,
+    /// `host:port`: never the URL, which holds the password.
+    label: String,
+}
+
+/// One connection to the broker, replaced when it breaks; it may go to any node of the
+/// cluster.
+pub struct AmqpLink {
+    nodes: Vec<Node>,
+    /// The node the next connect tries first.
+    next: AtomicUsize,
     name: String,
     timeout: Duration,
-    current: Mutex<Option<Arc<Connection>>>,
+    current: Mutex<Option<(Arc<Connection>, usize)>>,
     healthy: AtomicBool,
+    /// Bulk shards to declare through their own nodes before the first connection is used.
+    placement: Option<crate::topology::Topology>,
+    placed: AtomicBool,
 }
 
 impl std::fmt::Debug for AmqpLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URI holds the password: show only the name.
+        // The URIs hold the password: show only the name and the nodes' addresses.
+        let nodes: Vec<&str> = self.nodes.iter().map(|n| n.label.as_str()).collect();
         f.debug_struct("AmqpLink")
             .field("name", &self.name)
+            .field("nodes", &nodes)
             .finish()
     }
 }
 
 impl AmqpLink {
-    /// A link named `name` (shown in the broker's connection list). Connects lazily.
+    /// A link named `name` (shown in the broker's connection list) to the nodes of
+    /// `amqp.urls` (or `amqp.url` alone), starting at a random one. Connects lazily.
     ///
     /// # Errors
-    /// [`AmqpError::BadUrl`] when `amqp.url` does not parse.
+    /// [`AmqpError::BadUrl`] when a URL does not parse.
     pub fn new(settings: &AmqpSettings, name: &str) -> Result<Self, AmqpError> {
-        let mut uri: AMQPUri = settings
-            .url
-            .expose_secret()
-            .parse()
-            .map_err(|_| AmqpError::BadUrl)?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        let listed = !settings.urls.is_empty();
+        let mut nodes = Vec::new();
+        for (i, url) in settings.node_urls().into_iter().enumerate() {
+            let key = if listed {
+                format!("amqp.urls entry {}", i + 1)
+            } else {
+                "amqp.url".to_owned()
+            };
+            let mut uri: AMQPUri = url
+                .expose_secret()
+                .trim()
+                .parse()
+                .map_err(|_| AmqpError::BadUrl(key))?;
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+            }
+            if uri.query.connection_timeout.is_none() {
+                uri.query.connection_timeout =
+                    Some(u64::try_from(settings.timeout().as_millis()).unwrap_or(u64::MAX));
+            }
+            let label = format!("{}:{}", uri.authority.host, uri.authority.port);
+            nodes.push(Node { uri, label });
         }
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout =
-                Some(u64::try_from(settings.timeout().as_millis()).unwrap_or(u64::MAX));
-        }
+        // A v4 UUID is 122 random bits: enough to pick a starting node without another
+        // dependency.
+        let start = usize::try_from(uuid::Uuid::new_v4().as_u128() % nodes.len().max(1) as u128)
+            .unwrap_or(0);
         Ok(Self {
-            uri,
+            nodes,
+            next: AtomicUsize::new(start),
             name: name.to_owned(),
             timeout: settings.timeout(),
             current: Mutex::new(None),
             healthy: AtomicBool::new(false),
+            placement: None,
+            placed: AtomicBool::new(false),
         })
+    }
+
+    /// On its first connection, before handing it out, the link declares each of
+    /// `topology`'s bulk shards through a connection to the node that is to lead it
+    /// ([`crate::topology::Topology::shard_placement`]): RabbitMQ 3.10 puts a new quorum
+    /// queue's leader on the declaring client's node, so the shards' leaders spread over the
+    /// cluster whichever process declares first. Nothing to do with one node.
+    #[must_use]
+    pub fn with_placement(mut self, topology: crate::topology::Topology) -> Self {
+        if self.nodes.len() > 1 {
+            self.placement = Some(topology);
+        }
+        self
+    }
+
+    /// Declares the bulk shards through their nodes (best effort: a node that cannot be
+    /// reached leaves its shard to be created wherever the first declaration happens).
+    async fn place_shards(&self, topology: &crate::topology::Topology) {
+        let placement = topology.shard_placement(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let queues: Vec<&str> = placement
+                .iter()
+                .filter(|(_, n)| *n == i)
+                .map(|(q, _)| q.as_str())
+                .collect();
+            if queues.is_empty() {
+                continue;
+            }
+            let props = ConnectionProperties::default()
+                .with_connection_name(LongString::from(format!("{}-placement", self.name)));
+            let declared = async {
+                let conn = with_timeout(
+                    self.timeout,
+                    Connection::connect_uri(node.uri.clone(), props),
+                )
+                .await?;
+                let result = async {
+                    let ch = with_timeout(self.timeout, conn.create_channel()).await?;
+                    for q in &queues {
+                        with_timeout(self.timeout, topology.declare_work_queue(&ch, q)).await?;
+                    }
+                    // The channel first: lapin logs an error for a connection closed under
+                    // an open channel.
+                    with_timeout(self.timeout, ch.close(200, "placed".into())).await?;
+                    Ok::<(), AmqpError>(())
+                }
+                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), conn.close(200, "placed".into()))
+                        .await;
+                result
+            };
+            match declared.await {
+                Ok(()) => {
+                    tracing::info!(link = %self.name, node = %node.label, shards = ?queues, "bulk shards declared through their node");
+                }
+                Err(e) => {
+                    tracing::warn!(link = %self.name, node = %node.label, error = %e, "could not declare bulk shards through their node; they go wherever they are first declared");
+                }
+            }
+        }
+    }
+
+    /// The nodes' addresses (`host:port`), in configuration order.
+    pub fn nodes(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.label.clone()).collect()
+    }
+
+    /// The address (`host:port`) of the node the link is connected to, if it is.
+    pub async fn connected_node(&self) -> Option<String> {
+        let current = self.current.lock().await;
+        current
+            .as_ref()
+            .filter(|(c, _)| c.status().connected())
+            .and_then(|(_, i)| self.nodes.get(*i))
+            .map(|n| n.label.clone())
     }
 
     /// The timeout for one broker operation.
@@ -132,32 +249,63 @@ impl AmqpLink {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// The current connection, or a new one when there is none or it broke.
+    /// The current connection, or a new one when there is none or it broke. A new one
+    /// tries every node in turn, from the one after the node last used.
     ///
     /// # Errors
-    /// When the broker cannot be reached within the timeout.
+    /// When no node can be reached within the timeout (the last node's error).
     pub async fn connection(&self) -> Result<Arc<Connection>, AmqpError> {
         let mut current = self.current.lock().await;
-        if let Some(conn) = current.as_ref() {
+        if let Some((conn, i)) = current.as_ref() {
             if conn.status().connected() {
                 return Ok(conn.clone());
             }
-            tracing::warn!(link = %self.name, "broker connection lost; reconnecting");
+            let node = self.nodes.get(*i).map_or("?", |n| n.label.as_str());
+            tracing::warn!(link = %self.name, node, "broker connection lost; reconnecting");
+            // Start with the next node: this one just failed us.
+            self.next
+                .store((*i + 1) % self.nodes.len().max(1), Ordering::Relaxed);
         }
         self.healthy.store(false, Ordering::Relaxed);
         *current = None;
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(self.name.as_str()));
-        let conn = with_timeout(
-            self.timeout,
-            Connection::connect_uri(self.uri.clone(), props),
-        )
-        .await?;
-        let conn = Arc::new(conn);
-        *current = Some(conn.clone());
-        self.healthy.store(true, Ordering::Relaxed);
-        tracing::info!(link = %self.name, "connected to the broker");
-        Ok(conn)
+        let first = self.next.load(Ordering::Relaxed);
+        let mut last_error = AmqpError::BadUrl("amqp.urls (empty)".to_owned());
+        for k in 0..self.nodes.len() {
+            let i = (first + k) % self.nodes.len();
+            let node = &self.nodes[i];
+            let props = ConnectionProperties::default()
+                .with_connection_name(LongString::from(self.name.as_str()));
+            match with_timeout(
+                self.timeout,
+                Connection::connect_uri(node.uri.clone(), props),
+            )
+            .await
+            {
+                Ok(conn) => {
+                    if let Some(topology) = &self.placement
+                        && !self.placed.swap(true, Ordering::Relaxed)
+                    {
+                        self.place_shards(topology).await;
+                    }
+                    let conn = Arc::new(conn);
+                    *current = Some((conn.clone(), i));
+                    self.next.store(i, Ordering::Relaxed);
+                    self.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(link = %self.name, node = %node.label, "connected to the broker");
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if self.nodes.len() > 1 {
+                        tracing::warn!(link = %self.name, node = %node.label, error = %e, "broker node unreachable; trying the next");
+                    }
+                    last_error = e;
+                }
+            }
+        }
+        // Next time, start one further on, so a node that hangs is not always tried first.
+        self.next
+            .store((first + 1) % self.nodes.len().max(1), Ordering::Relaxed);
+        Err(last_error)
     }
 
     /// A new channel on the current (or a new) connection.
@@ -179,8 +327,11 @@ impl AmqpLink {
     /// next [`AmqpLink::channel`] reconnects.
     pub async fn mark_broken(&self) {
         let mut current = self.current.lock().await;
-        if let Some(conn) = current.take() {
+        if let Some((conn, i)) = current.take() {
             self.healthy.store(false, Ordering::Relaxed);
+            // The node may be the thing that failed: the reconnect starts with the next.
+            self.next
+                .store((i + 1) % self.nodes.len().max(1), Ordering::Relaxed);
             // Closing may fail when the socket is already gone; there is nothing to do then.
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
@@ -193,7 +344,9 @@ impl AmqpLink {
     /// Refreshes the health flag from the connection's status.
     pub async fn refresh_health(&self) -> bool {
         let current = self.current.lock().await;
-        let up = current.as_ref().is_some_and(|c| c.status().connected());
+        let up = current
+            .as_ref()
+            .is_some_and(|(c, _)| c.status().connected());
         self.healthy.store(up, Ordering::Relaxed);
         up
     }
@@ -225,7 +378,7 @@ impl AmqpLink {
     /// Closes the connection (at shutdown).
     pub async fn close(&self) {
         let mut current = self.current.lock().await;
-        if let Some(conn) = current.take() {
+        if let Some((conn, _)) = current.take() {
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into()))
                     .await;
@@ -318,8 +471,16 @@ impl Publisher {
         Ok(ch)
     }
 
+    /// Drops the channel so that the next publish opens a new one; a channel still open is
+    /// closed (best effort), so channels do not pile up on the connection.
     async fn forget_channel(&self) {
-        *self.channel.lock().await = None;
+        let old = self.channel.lock().await.take();
+        if let Some(ch) = old
+            && ch.status().connected()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ch.close(200, "reopening".into()))
+                .await;
+        }
     }
 
     /// Publishes every message and returns once the broker confirmed all of them.
@@ -332,8 +493,13 @@ impl Publisher {
     pub async fn publish_all(&self, messages: Vec<Outgoing<'_>>) -> Result<usize, AmqpError> {
         let result = self.publish_all_inner(messages).await;
         if let Err(e) = &result
-            && !matches!(e, AmqpError::Unroutable(_) | AmqpError::Nacked)
+            && !matches!(e, AmqpError::Unroutable(_))
         {
+            // A nack needs a new channel too. On RabbitMQ 3.10, a channel whose first
+            // publish to a quorum queue comes while the queue elects a new leader (its node
+            // was lost) is refused, and that channel goes on refusing every publish to the
+            // queue; a channel opened a few seconds later publishes normally (seen in the
+            // cluster suite).
             self.forget_channel().await;
             self.link.refresh_health().await;
         }
@@ -385,5 +551,84 @@ fn check(confirmation: Confirmation, routing_key: String) -> Result<(), AmqpErro
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable(routing_key)),
         Confirmation::Nack(_) => Err(AmqpError::Nacked),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Settings, Sources};
+
+    fn settings(pairs: &[(&str, &str)]) -> AmqpSettings {
+        let sources = Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        };
+        Settings::load_from(&sources).unwrap().amqp
+    }
+
+    #[test]
+    fn a_link_knows_every_node_by_address_only() {
+        let s = settings(&[(
+            "BULKOPS__AMQP__URLS",
+            "amqp://u:pw-topsecret@n1:5672/%2f, amqp://u:pw-topsecret@n2:5673/%2f,amqp://u:pw-topsecret@n3/%2f",
+        )]);
+        let link = AmqpLink::new(&s, "test").unwrap();
+        assert_eq!(link.nodes(), vec!["n1:5672", "n2:5673", "n3:5672"]);
+        let shown = format!("{link:?}");
+        assert!(shown.contains("n2:5673"), "{shown}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        // Without amqp.urls, amqp.url alone.
+        let single = AmqpLink::new(&settings(&[]), "test").unwrap();
+        assert_eq!(single.nodes(), vec!["127.0.0.1:5672"]);
+    }
+
+    #[test]
+    fn links_start_at_random_nodes() {
+        let s = settings(&[(
+            "BULKOPS__AMQP__URLS",
+            "amqp://u:p@n1/%2f,amqp://u:p@n2/%2f,amqp://u:p@n3/%2f",
+        )]);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let link = AmqpLink::new(&s, "test").unwrap();
+            let first = link.next.load(Ordering::Relaxed);
+            assert!(first < 3);
+            seen.insert(first);
+        }
+        assert_eq!(seen.len(), 3, "every node is some link's first");
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_tries_every_node_and_names_none_by_url() {
+        // Nothing listens on these ports: each attempt is refused at once.
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("amqp://u:pw-topsecret@127.0.0.1:{p}/%2f"))
+            .collect();
+        let s = settings(&[
+            ("BULKOPS__AMQP__URLS", &urls.join(",")),
+            ("BULKOPS__AMQP__TIMEOUT_MS", "2000"),
+        ]);
+        let link = AmqpLink::new(&s, "test").unwrap();
+        let first = link.next.load(Ordering::Relaxed);
+        let err = link.connection().await.unwrap_err().to_string();
+        assert!(!err.contains("topsecret"), "{err}");
+        assert!(!link.is_connected());
+        assert!(link.connected_node().await.is_none());
+        // The next attempt starts one node further on.
+        assert_eq!(link.next.load(Ordering::Relaxed), (first + 1) % 3);
     }
 }

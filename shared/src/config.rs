@@ -417,7 +417,10 @@ impl Settings {
             "database.url",
             &["postgres", "postgresql"],
         )?;
-        check_url(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        // With amqp.urls set, amqp.url is not used (a deployment may leave it empty).
+        if self.amqp.urls.is_empty() {
+            check_url(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        }
         check_url(&self.redis.url, "redis.url", &["redis", "rediss"])?;
         for (i, url) in self.amqp.urls.iter().enumerate() {
             if url
@@ -749,6 +752,13 @@ mod tests {
         assert_eq!(s.redis.mode, RedisMode::Cluster);
         assert_eq!(s.redis.nodes.len(), 2);
         assert_eq!(s.redis.sentinel_master, "mymaster");
+        // amqp.url is unused, so may be empty, when amqp.urls lists the nodes.
+        let s = Settings::load_from(&env(&[
+            ("BULKOPS__AMQP__URL", ""),
+            ("BULKOPS__AMQP__URLS", "amqp://u:p@n1:5672/%2f"),
+        ]))
+        .unwrap();
+        assert_eq!(s.amqp.node_urls().len(), 1);
         let d = Settings::load_from(&Sources::default()).unwrap();
         assert_eq!(d.redis.mode, RedisMode::Standalone);
         assert_eq!(d.amqp.node_urls().len(), 1);

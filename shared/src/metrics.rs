@@ -196,6 +196,8 @@ pub struct ProducerMetrics {
     pub batch_items: IntGaugeVec,
     /// `bulkops_batch_items_done{batch_id,kind}` (active batches only)
     pub batch_items_done: IntGaugeVec,
+    /// `bulkops_lane_backlog_items{lane}`
+    pub lane_backlog: IntGaugeVec,
     /// `bulkops_queue_messages{queue}`
     pub queue_messages: IntGaugeVec,
     /// `bulkops_queue_consumers{queue}`
@@ -302,10 +304,16 @@ impl ProducerMetrics {
                 "Items of an active batch that have an outcome (removed when the batch completes).",
                 &["batch_id", "kind"],
             )?,
+            lane_backlog: int_gauge_vec(
+                &r,
+                "bulkops_lane_backlog_items",
+                "Items of active batches on a lane that have no outcome yet: queued (ready or unacknowledged, on every shard), waiting for a retry, or not yet published. What an autoscaler reads.",
+                &["lane"],
+            )?,
             queue_messages: int_gauge_vec(
                 &r,
                 "bulkops_queue_messages",
-                "Messages ready in a bulkops queue (what an autoscaler reads).",
+                "Messages ready in a bulkops queue (not those delivered and unacknowledged).",
                 &["queue"],
             )?,
             queue_consumers: int_gauge_vec(

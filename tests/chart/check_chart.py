@@ -48,9 +48,11 @@ SECRET_ENV = {
     "redis-url": "BULKOPS__REDIS__URL",
     "redis-nodes": "BULKOPS__REDIS__NODES",
     "jwt-secret": "BULKOPS__AUTH__JWT_SECRET",
+    # Read only when the Secret holds it (an optional secretKeyRef).
+    "amqp-urls": "BULKOPS__AMQP__URLS",
 }
 # Keys of config/default.toml the chart deliberately does not carry in its ConfigMap.
-SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("redis", "url"), ("redis", "nodes")}
+SECRET_KEYS = {("database", "url"), ("amqp", "url"), ("amqp", "urls"), ("redis", "url"), ("redis", "nodes")}
 CHART_SET_KEYS = {("http", "bind"): "0.0.0.0:8080", ("metrics", "bind"): "0.0.0.0:9090"}
 
 
@@ -300,7 +302,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
         sel = d["spec"]["selector"]["matchLabels"]
         c.check(sel.items() <= pod["metadata"]["labels"].items(), f"{dname}: selector matches its pod labels")
         check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True,
-                  optional_keys=redis_optional)
+                  optional_keys=[*redis_optional, "amqp-urls"])
     c.check("replicas" not in deployments.get(worker, {}).get("spec", {}) if (hpa or keda) else True,
             f"{worker}: no fixed replicas while an autoscaler owns the count")
 
@@ -348,11 +350,16 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
         want = {"database-url", "amqp-url", "jwt-secret"}
         want |= {"redis-url"} if values["secrets"].get("redisUrl") else set()
         want |= {"redis-nodes"} if values["secrets"].get("redisNodes") else set()
+        nodes = values["secrets"].get("amqpUrls") or []
+        want |= {"amqp-urls"} if nodes else set()
         data = secrets.get(fullname, {}).get("data", {})
         c.check(set(data) == want, f"Secret {fullname} has keys {', '.join(sorted(want))}")
         if values["secrets"].get("redisNodes"):
             c.check(base64.b64decode(data.get("redis-nodes", "")).decode() == ",".join(values["secrets"]["redisNodes"]),
                     f"Secret {fullname} redis-nodes holds secrets.redisNodes, comma-separated")
+        if nodes:
+            got = base64.b64decode(data.get("amqp-urls", "")).decode()
+            c.check(got == ",".join(nodes), "Secret key amqp-urls holds secrets.amqpUrls, comma-separated")
 
     # Configuration.
     cms = by_kind(objects, "ConfigMap")
@@ -363,23 +370,28 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     # Autoscaling.
     hpas = by_kind(objects, "HorizontalPodAutoscaler")
     scaled = by_kind(objects, "ScaledObject")
-    auths = by_kind(objects, "TriggerAuthentication")
     c.check(bool(hpas) == hpa, f"HPA rendered: {hpa}")
-    c.check(bool(scaled) == keda and bool(auths) == keda, f"KEDA ScaledObject and TriggerAuthentication rendered: {keda}")
+    c.check(bool(scaled) == keda, f"KEDA ScaledObject rendered: {keda}")
+    c.check(not by_kind(objects, "TriggerAuthentication"), "no TriggerAuthentication rendered (KEDA reads Prometheus)")
     for h in hpas.values():
         c.check(h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker},
                 "HPA scales the worker Deployment")
     for so in scaled.values():
+        k = values["worker"]["keda"]
         c.check(so["apiVersion"] == "keda.sh/v1alpha1", "ScaledObject apiVersion keda.sh/v1alpha1")
         c.check(so["spec"]["scaleTargetRef"]["name"] == worker, "ScaledObject scales the worker Deployment")
         trig = so["spec"]["triggers"][0]
-        queue = f"{values['config']['amqp']['prefix']}.work.bulk"
-        c.check(trig["type"] == "rabbitmq" and trig["metadata"].get("queueName") == queue
-                and trig["metadata"].get("mode") == "QueueLength", f"ScaledObject triggers on rabbitmq queue length of {queue}")
-        c.check(trig.get("authenticationRef", {}).get("name") in auths, "ScaledObject uses the TriggerAuthentication")
-    for ta in auths.values():
-        c.check(ta["spec"]["secretTargetRef"] == [{"parameter": "host", "name": secret, "key": "amqp-url"}],
-                f"TriggerAuthentication reads amqp-url from Secret {secret}")
+        meta = trig.get("metadata") or {}
+        query = k["prometheus"]["query"] or (
+            f'sum(max by (lane) (bulkops_lane_backlog_items{{namespace="{NAMESPACE}", service="{producer}"}}))')
+        c.check(trig["type"] == "prometheus" and meta.get("serverAddress") == k["prometheus"]["serverAddress"],
+                "ScaledObject triggers on Prometheus at worker.keda.prometheus.serverAddress")
+        c.check(meta.get("query") == query and "bulkops_lane_backlog_items" in query,
+                f"ScaledObject queries the backlog (ready + unacknowledged + unpublished items): {query}")
+        c.check(meta.get("threshold") == str(k["backlogPerReplica"]), "ScaledObject threshold is backlogPerReplica")
+        ref = k["prometheus"]["authenticationRef"]
+        c.check(trig.get("authenticationRef") == ({"name": ref} if ref else None),
+                f"ScaledObject authenticationRef follows worker.keda.prometheus.authenticationRef ({ref or 'none'})")
 
     # Disruption budgets.
     pdbs = by_kind(objects, "PodDisruptionBudget")
@@ -427,6 +439,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
         kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
     mode = values["config"]["redis"].get("mode", "standalone")
     return {"kinds": kinds, "keda": keda, "hpa": hpa, "monitor": monitor, "existing": bool(existing),
+            "amqp_urls": bool(values["secrets"].get("amqpUrls")),
             "ingress": values["ingress"]["enabled"], "redis_cluster": mode == "cluster",
             "redis_sentinel": mode == "sentinel", "objects": everything}
 
@@ -449,7 +462,7 @@ def main() -> int:
         return 1
     summary = []
     features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False,
-                "redis_cluster": False, "redis_sentinel": False}
+                "redis_cluster": False, "redis_sentinel": False, "amqp_urls": False}
     total_valid = total_skipped = 0
     for path in files:
         override = yaml.safe_load(path.read_text()) or {}
@@ -503,6 +516,14 @@ def main() -> int:
     expect_refusal(c, "a Redis node that is no redis:// URL",
                    merge(creds, {"config": {"redis": {"mode": "cluster"}}, "secrets": {"redisNodes": ["http://r0:6379"]}}),
                    "redisNodes")
+    expect_refusal(c, "KEDA without a Prometheus address",
+                   merge(creds, {"worker": {"keda": {"enabled": True}}}), "worker.keda.prometheus.serverAddress")
+    expect_refusal(c, "a cluster node URL that is not amqp://",
+                   merge(creds, {"secrets": {"amqpUrls": ["amqp://a:b@n1/%2f", "http://n2"]}}), "amqpUrls")
+    expect_refusal(c, "amqp.bulk_queues out of range", merge(creds, {"config": {"amqp": {"bulk_queues": 0}}}),
+                   "bulk_queues")
+    expect_refusal(c, "the removed keda.queueLength", merge(creds, {"worker": {"keda": {"queueLength": 5}}}),
+                   "queueLength")
 
     versions = {p: importlib.metadata.version(p) for p in ("helm-sdkpy", "kubernetes-validate", "PyYAML")}
     print()
@@ -514,7 +535,8 @@ def main() -> int:
         print(f"  {line}")
     print(f"  refusals: misspelt value key, missing secrets, worker grace period <= 30 s, "
           f"min_connections > max_connections, unknown config key, unknown Redis mode, cluster/sentinel "
-          f"mode without nodes, nodes in standalone mode, a node that is no redis:// URL")
+          f"mode without nodes, nodes in standalone mode, a node that is no redis:// URL, KEDA without "
+          f"Prometheus, a non-AMQP cluster node URL, bulk_queues out of range, the removed keda.queueLength")
     print(f"  {total_valid} objects schema-validated, {total_skipped} CRD objects (ServiceMonitor, ScaledObject, "
           f"TriggerAuthentication) not schema-validated (no schemas shipped for them)")
     print(f"{c.passed} passed, {len(c.failures)} failed")

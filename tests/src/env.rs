@@ -43,8 +43,33 @@ pub struct Endpoints {
     pub amqp: String,
     /// RabbitMQ URL for the harness.
     pub amqp_direct: String,
+    /// The nodes of a RabbitMQ cluster, for the programs (`BULKOPS__AMQP__URLS`) and the
+    /// harness alike; empty for a single broker (`amqp` and `amqp_direct`).
+    pub amqp_nodes: Vec<String>,
     /// Redis URL for the programs.
     pub redis: String,
+}
+
+impl Endpoints {
+    /// The machine's PostgreSQL and Redis, and the RabbitMQ cluster at `nodes`.
+    pub fn cluster(nodes: Vec<String>) -> Self {
+        let first = nodes.first().cloned().unwrap_or_else(amqp_url);
+        Self {
+            amqp: first.clone(),
+            amqp_direct: first,
+            amqp_nodes: nodes,
+            ..Self::default()
+        }
+    }
+
+    /// The broker URLs the harness uses: the cluster's nodes, or `amqp_direct` alone.
+    pub fn harness_amqp(&self) -> Vec<String> {
+        if self.amqp_nodes.is_empty() {
+            vec![self.amqp_direct.clone()]
+        } else {
+            self.amqp_nodes.clone()
+        }
+    }
 }
 
 impl Default for Endpoints {
@@ -54,6 +79,7 @@ impl Default for Endpoints {
             pg_direct: pg_server(),
             amqp: amqp_url(),
             amqp_direct: amqp_url(),
+            amqp_nodes: Vec::new(),
             redis: redis_url(),
         }
     }
@@ -117,7 +143,7 @@ impl TestEnv {
         ensure_queue_expiry().await;
         let began = std::time::Instant::now();
         let events = Events::capture(
-            &endpoints.amqp_direct,
+            &endpoints.harness_amqp(),
             &events_exchange,
             &format!("{amqp_prefix}.capture"),
         )
@@ -152,6 +178,18 @@ impl TestEnv {
             .push((key.to_owned(), value.to_string()));
     }
 
+    /// The `amqp.bulk_queues` the test's processes were given (1 unless overridden).
+    pub async fn bulk_queues(&self) -> u16 {
+        self.overrides
+            .lock()
+            .await
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "BULKOPS__AMQP__BULK_QUEUES")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(1)
+    }
+
     /// The environment every process of this test gets.
     pub async fn process_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
@@ -179,6 +217,12 @@ impl TestEnv {
             ("BULKOPS__SPLIT__LEASE_SECS".into(), "3".into()),
             ("RUST_LOG".into(), "info".into()),
         ];
+        if !self.endpoints.amqp_nodes.is_empty() {
+            env.push((
+                "BULKOPS__AMQP__URLS".into(),
+                self.endpoints.amqp_nodes.join(","),
+            ));
+        }
         env.extend(self.overrides.lock().await.iter().cloned());
         env
     }
@@ -322,10 +366,13 @@ impl TestEnv {
         for p in self.procs.lock().await.iter() {
             p.lock().await.kill().await;
         }
-        let amqp =
-            Connection::connect(&self.endpoints.amqp_direct, ConnectionProperties::default())
-                .await
-                .ok();
+        let mut amqp = None;
+        for url in self.endpoints.harness_amqp() {
+            if let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await {
+                amqp = Some(c);
+                break;
+            }
+        }
         let channel = match &amqp {
             Some(c) => c.create_channel().await.ok(),
             None => None,
@@ -340,7 +387,8 @@ impl TestEnv {
                     Duration::from_millis(500),
                     Duration::from_millis(1000),
                 ],
-            );
+            )
+            .with_bulk_queues(self.bulk_queues().await);
             release_amqp(
                 &ch,
                 &topology,

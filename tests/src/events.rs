@@ -1,10 +1,13 @@
 //! Captures every event published to a test's events exchange, through a durable queue and
 //! a consumer that reconnects, so that a broker restart during a test loses no event from
-//! the capture either.
+//! the capture either. On a cluster the queue is a quorum queue (a classic queue lives on
+//! one node, and events published while that node is down would miss it), and the
+//! consumer reconnects to the next node when its node goes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -37,6 +40,7 @@ async fn setup(
     url: &str,
     exchange: &str,
     queue: &str,
+    replicated: bool,
 ) -> anyhow::Result<(Connection, lapin::Consumer)> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -50,13 +54,20 @@ async fn setup(
         FieldTable::default(),
     )
     .await?;
+    let mut args = FieldTable::default();
+    if replicated {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+    }
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
         },
-        FieldTable::default(),
+        args,
     )
     .await?;
     ch.queue_bind(
@@ -80,22 +91,26 @@ async fn setup(
 
 impl Events {
     /// Binds the durable queue `queue` to `exchange` with `#` and collects what arrives,
-    /// reconnecting after broker failures.
-    pub async fn capture(url: &str, exchange: &str, queue: &str) -> anyhow::Result<Self> {
-        let first = setup(url, exchange, queue).await?;
+    /// reconnecting after broker failures; `urls` are the nodes of one broker or cluster.
+    pub async fn capture(urls: &[String], exchange: &str, queue: &str) -> anyhow::Result<Self> {
+        let replicated = urls.len() > 1;
+        let first_url = urls.first().context("no broker URL")?;
+        let first = setup(first_url, exchange, queue, replicated).await?;
         let events = Events::default();
         let sink = events.0.clone();
         let stop = events.1.clone();
-        let (url, exchange, queue) = (url.to_owned(), exchange.to_owned(), queue.to_owned());
+        let (urls, exchange, queue) = (urls.to_vec(), exchange.to_owned(), queue.to_owned());
         tokio::spawn(async move {
             let mut current = Some(first);
+            let mut node = 0;
             // Stops once asked to, so that the capture queue, once deleted, stays deleted.
             while !stop.is_cancelled() {
                 let (conn, mut consumer) = match current.take() {
                     Some(c) => c,
-                    None => match setup(&url, &exchange, &queue).await {
+                    None => match setup(&urls[node], &exchange, &queue, replicated).await {
                         Ok(c) => c,
                         Err(_) => {
+                            node = (node + 1) % urls.len();
                             tokio::time::sleep(Duration::from_millis(500)).await;
                             continue;
                         }
@@ -121,6 +136,7 @@ impl Events {
                     let _ = d.acker.ack(BasicAckOptions::default()).await;
                 }
                 drop(conn);
+                node = (node + 1) % urls.len();
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });

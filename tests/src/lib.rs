@@ -14,6 +14,7 @@
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
 //! - [`proxy`]: a fault-injecting TCP proxy (and the switch a failover test repoints).
+//! - [`rabbit_cluster`]: a 3-node RabbitMQ cluster of the test's own (kill, restart, leaders).
 //! - [`scenario`]: the skeleton fault and cluster scenarios share (worlds, waits, tallies).
 //! - [`services`]: PostgreSQL, RabbitMQ and Redis instances a test starts (and restarts) itself.
 //! - [`redis_cluster`]: a Redis Cluster (3 masters, 3 replicas) and a Sentinel setup.
@@ -27,6 +28,7 @@ pub mod fixture;
 pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod redis_cluster;
 pub mod scenario;
 pub mod services;

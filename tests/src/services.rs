@@ -387,36 +387,81 @@ impl Drop for PgInstance {
     }
 }
 
-/// A RabbitMQ node of the test's own (its own node name, ports and data directory, run as
-/// the rabbitmq user with no plugins).
+/// A RabbitMQ node of the test's own (its own node name, ports, data directory, config
+/// file and plugins file, run as the rabbitmq user with no plugins).
 pub struct RabbitInstance {
     /// AMQP port.
     pub port: u16,
     dist_port: u16,
     node: String,
     dir: PathBuf,
+    /// `HOME` of the node: where its Erlang cookie is.
+    home: PathBuf,
     child: Option<Child>,
+}
+
+/// How to start one RabbitMQ node; [`RabbitNode::standalone`] for a lone node.
+#[derive(Debug, Clone)]
+pub struct RabbitNode {
+    /// Erlang node name (`name@localhost`).
+    pub node: String,
+    /// `HOME` holding the `.erlang.cookie` every node of one cluster shares.
+    pub home: PathBuf,
+    /// Extra lines of the node's `rabbitmq.conf`.
+    pub config: String,
+}
+
+impl RabbitNode {
+    /// A lone node with a fresh name, using the broker package's home (its cookie).
+    pub fn standalone() -> Self {
+        Self {
+            node: format!(
+                "bulkops{}@localhost",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            home: PathBuf::from("/var/lib/rabbitmq"),
+            config: String::new(),
+        }
+    }
 }
 
 impl RabbitInstance {
     /// Starts a node (about ten seconds).
     pub async fn start() -> anyhow::Result<Self> {
+        let r = Self::spawn(RabbitNode::standalone())?;
+        r.wait_up().await?;
+        Ok(r)
+    }
+
+    /// Starts a node without waiting for it to listen (so that a cluster's nodes boot in
+    /// parallel); [`RabbitInstance::wait_up`] waits.
+    ///
+    /// Every path and port is the node's own: `RABBITMQ_NODENAME`, `RABBITMQ_NODE_PORT`,
+    /// `RABBITMQ_DIST_PORT`, `RABBITMQ_MNESIA_BASE`, `RABBITMQ_LOG_BASE`,
+    /// `RABBITMQ_CONFIG_FILE` (its own file, so the machine's `/etc/rabbitmq/rabbitmq.conf`
+    /// and its listener on 5672 are never read) and `RABBITMQ_ENABLED_PLUGINS_FILE`.
+    pub fn spawn(spec: RabbitNode) -> anyhow::Result<Self> {
         let dir = scratch_dir("rabbit");
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "log.console = false\nlog.file.level = info\n{}",
+                spec.config
+            ),
+        )?;
         chown(&dir, "rabbitmq")?;
         let mut r = Self {
             port: free_port()?,
             dist_port: free_port()?,
-            node: format!(
-                "bulkops{}@localhost",
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
+            node: spec.node,
             dir,
+            home: spec.home,
             child: None,
         };
-        r.up().await?;
+        r.spawn_server()?;
         Ok(r)
     }
 
@@ -425,7 +470,17 @@ impl RabbitInstance {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    async fn up(&mut self) -> anyhow::Result<()> {
+    /// Its Erlang node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether its server process runs (it may still be booting).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn spawn_server(&mut self) -> anyhow::Result<()> {
         let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
         let child = Command::new("setpriv")
             .args([
@@ -436,22 +491,33 @@ impl RabbitInstance {
                 "--init-groups",
                 "/usr/lib/rabbitmq/bin/rabbitmq-server",
             ])
-            .current_dir("/var/lib/rabbitmq")
-            .env("HOME", "/var/lib/rabbitmq")
+            .current_dir(&self.home)
+            .env("HOME", &self.home)
             .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
             .env("RABBITMQ_LOG_BASE", d("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
-            .env("RABBITMQ_CONFIG_FILE", d("none"))
+            .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("rabbitmq-server")?;
         self.child = Some(child);
-        wait_port(self.port, Duration::from_secs(90)).await
+        Ok(())
+    }
+
+    /// Waits until the node accepts AMQP connections.
+    pub async fn wait_up(&self) -> anyhow::Result<()> {
+        wait_port(self.port, Duration::from_secs(120)).await
+    }
+
+    async fn up(&mut self) -> anyhow::Result<()> {
+        self.spawn_server()?;
+        self.wait_up().await
     }
 
     fn beam_pid(&self) -> Option<String> {
@@ -464,6 +530,21 @@ impl RabbitInstance {
             .lines()
             .next()
             .map(str::to_owned)
+    }
+
+    /// CPU seconds (user + system) the node's VM has used so far, from /proc.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.beam_pid() else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        ticks / 100.0
     }
 
     /// Stops the node: a clean shutdown, or a crash (SIGKILL of the VM).
@@ -495,6 +576,12 @@ impl RabbitInstance {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+
+    /// Starts the node again after [`RabbitInstance::stop`] (same name, ports and data:
+    /// queues, messages and cluster membership survive).
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        self.up().await
     }
 
     /// Stops the node, waits `down`, starts it again (queues and messages survive).

@@ -1,19 +1,33 @@
-//! Consuming a lane's work queue: prefetch set explicitly, bounded concurrency, natural
+//! Consuming a lane's work queues: prefetch set explicitly, bounded concurrency, natural
 //! batching, reconnection, and a bounded drain on shutdown.
+//!
+//! A sharded lane (`amqp.bulk_queues` > 1) is consumed on one channel with one consumer
+//! per shard, their deliveries merged into one stream: delivery tags are per channel, so
+//! one [`AckTracker`] still acknowledges many deliveries with one frame whichever shard
+//! they came from, and the lane's concurrency slots are shared by all its shards. The
+//! prefetch is per consumer (quorum queues refuse global QoS), so `amqp.prefetch` is
+//! divided among the shards: a worker holds about as many unacknowledged deliveries per
+//! lane whatever the number of shards.
 //!
 //! Deliveries accumulate while every processing slot is busy, so under load each chunk
 //! carries up to `worker.chunk_size` messages (paying a transaction's fixed costs once for
 //! all of them), and on an idle system a lone message is processed at once. After a broker
 //! error the consumer rebuilds its channel, re-declares the topology, re-applies the
 //! prefetch and consumes again; deliveries in hand on the dead channel are redelivered by
-//! the broker and processed idempotently.
+//! the broker and processed idempotently. A consumer the broker cancels (a queue deleted
+//! or unavailable; the stream ends) costs the channel only: the connection, which the
+//! other lanes share, is kept when it is still up. A connection lost with its node is
+//! re-made to another node of the cluster ([`AmqpLink`]). A queue whose leader moves to
+//! another node needs nothing: the channel's node follows the new leader, and deliveries
+//! and acks carry on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkops_shared::amqp::{AmqpLink, reconnect_backoff, with_timeout};
+use bulkops_shared::amqp::{AmqpError, AmqpLink, reconnect_backoff, with_timeout};
 use bulkops_shared::batch::Lane;
 use bulkops_shared::topology::Topology;
+use futures_util::stream::SelectAll;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -34,7 +48,7 @@ pub struct LaneConfig {
     pub concurrency: usize,
     /// Most deliveries per chunk.
     pub chunk_size: usize,
-    /// basic.qos prefetch count.
+    /// basic.qos prefetch count of the lane (divided among its shards).
     pub prefetch: u16,
     /// Longest wait for chunks in hand at shutdown.
     pub drain_timeout: Duration,
@@ -67,7 +81,12 @@ pub async fn run(
                     .with_label_values(&[label])
                     .inc();
                 tracing::warn!(lane = label, error = %e, "consumer stopped; reconnecting");
-                link.mark_broken().await;
+                // A consumer cancelled by the broker on a live connection costs the channel
+                // only (closed in `consume`); anything else may have broken the connection.
+                let cancelled = matches!(e, AmqpError::ConsumerEnded);
+                if !cancelled || !link.refresh_health().await {
+                    link.mark_broken().await;
+                }
                 let pause = backoff.next().unwrap_or(Duration::from_secs(5));
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -88,7 +107,13 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The prefetch of each of a lane's `shards` consumers: the lane's prefetch divided among
+/// them, at least 1.
+pub fn prefetch_per_shard(prefetch: u16, shards: usize) -> u16 {
+    let shards = u16::try_from(shards.max(1)).unwrap_or(u16::MAX);
+    prefetch.div_ceil(shards).max(1)
+}
+
 async fn consume(
     link: &AmqpLink,
     topology: &Topology,
@@ -97,33 +122,74 @@ async fn consume(
     slots: &Arc<Semaphore>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<(), bulkops_shared::amqp::AmqpError> {
+) -> Result<(), AmqpError> {
     let channel = link.channel().await?;
-    with_timeout(link.timeout(), topology.declare(&channel)).await?;
-    // Per-consumer prefetch (global QoS is refused by quorum queues).
+    let result = consume_on(
+        &channel, link, topology, processor, cfg, slots, tasks, shutdown,
+    )
+    .await;
+    if matches!(result, Err(AmqpError::ConsumerEnded)) {
+        // The other shards' consumers of this channel would keep deliveries nobody reads:
+        // closing the channel returns them (and those in hand) to their queues.
+        let _ = with_timeout(
+            Duration::from_secs(2),
+            channel.close(200, "consumer cancelled; re-consuming".into()),
+        )
+        .await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume_on(
+    channel: &lapin::Channel,
+    link: &AmqpLink,
+    topology: &Topology,
+    processor: &Arc<Processor>,
+    cfg: &LaneConfig,
+    slots: &Arc<Semaphore>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), AmqpError> {
+    with_timeout(link.timeout(), topology.declare(channel)).await?;
+    let queues = topology.work_queues(cfg.lane);
+    let prefetch = prefetch_per_shard(cfg.prefetch, queues.len());
+    // Per-consumer prefetch (global QoS is refused by quorum queues); it applies to the
+    // consumers started after it, so to every shard's.
     with_timeout(
         link.timeout(),
-        channel.basic_qos(cfg.prefetch, BasicQosOptions { global: false }),
+        channel.basic_qos(prefetch, BasicQosOptions { global: false }),
     )
     .await?;
-    let tag = format!(
-        "bulkops-worker-{}-{}",
-        cfg.lane.as_str(),
-        uuid::Uuid::new_v4()
-    );
-    let mut consumer = with_timeout(
-        link.timeout(),
-        channel.basic_consume(
-            topology.work_queue(cfg.lane).into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
+    let mut tags = Vec::with_capacity(queues.len());
+    // Each shard's stream ends with a `None` item, so that one shard's consumer cancelled by
+    // the broker is noticed (`SelectAll` alone would carry on with the others, and ends only
+    // when all have).
+    let mut consumer = SelectAll::new();
+    for queue in &queues {
+        let tag = format!("bulkops-worker-{queue}-{}", uuid::Uuid::new_v4());
+        let shard = with_timeout(
+            link.timeout(),
+            channel.basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        consumer.push(
+            shard
+                .map(Some)
+                .chain(futures_util::stream::once(std::future::ready(None)))
+                .boxed(),
+        );
+        tags.push(tag);
+    }
     tracing::info!(
         lane = cfg.lane.as_str(),
-        prefetch = cfg.prefetch,
+        shards = queues.len(),
+        prefetch,
         "consuming"
     );
     let tracker = Arc::new(AckTracker::new(channel.clone(), processor.metrics.clone()));
@@ -135,31 +201,32 @@ async fn consume(
         .metrics
         .deliveries
         .with_label_values(&[cfg.lane.as_str()]);
+    let received = |d: &Delivery| {
+        deliveries_total.inc();
+        inflight.inc();
+        tracker.received(d.delivery_tag)
+    };
     let mut buffer: Vec<Delivery> = Vec::with_capacity(cfg.chunk_size);
     loop {
         // Wait for the first delivery of the next chunk.
         if buffer.is_empty() {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                next = consumer.next() => match next {
-                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); tracker.received(d.delivery_tag).await; buffer.push(d) }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
-                },
+                next = consumer.next() => {
+                    let d = delivery(next)?;
+                    received(&d).await;
+                    buffer.push(d);
+                }
             }
         }
         // Take whatever else is already here.
         while buffer.len() < cfg.chunk_size {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => {
-                    deliveries_total.inc();
-                    inflight.inc();
-                    tracker.received(d.delivery_tag).await;
-                    buffer.push(d);
-                }
-                Some(Some(Err(e))) => return Err(e.into()),
-                _ => break,
-            }
+            let Some(next) = consumer.next().now_or_never() else {
+                break;
+            };
+            let d = delivery(next)?;
+            received(&d).await;
+            buffer.push(d);
         }
         // Wait for a free slot, collecting more deliveries meanwhile.
         let permit = loop {
@@ -167,11 +234,11 @@ async fn consume(
                 biased;
                 () = shutdown.cancelled() => break None,
                 permit = slots.clone().acquire_owned() => break permit.ok(),
-                next = consumer.next(), if buffer.len() < cfg.chunk_size => match next {
-                    Some(Ok(d)) => { deliveries_total.inc(); inflight.inc(); tracker.received(d.delivery_tag).await; buffer.push(d) }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
-                },
+                next = consumer.next(), if buffer.len() < cfg.chunk_size => {
+                    let d = delivery(next)?;
+                    received(&d).await;
+                    buffer.push(d);
+                }
             }
         };
         let Some(permit) = permit else { break };
@@ -188,14 +255,49 @@ async fn consume(
         });
     }
     // Shutting down: stop deliveries, hand back what was not started.
-    let _ = with_timeout(
-        Duration::from_secs(2),
-        channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-    )
-    .await;
+    for tag in &tags {
+        let _ = with_timeout(
+            Duration::from_secs(2),
+            channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
+    }
     for d in buffer.drain(..) {
         inflight.dec();
         tracker.requeue(d.delivery_tag).await;
     }
     Ok(())
+}
+
+/// One item of the merged shard streams: a delivery, or why consuming must start over.
+fn delivery(next: Option<Option<lapin::Result<Delivery>>>) -> Result<Delivery, AmqpError> {
+    match next {
+        Some(Some(Ok(d))) => Ok(d),
+        Some(Some(Err(e))) => Err(e.into()),
+        // A shard's consumer ended (cancelled by the broker), or all of them did.
+        Some(None) | None => Err(AmqpError::ConsumerEnded),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lane_prefetch_is_divided_among_its_shards() {
+        assert_eq!(prefetch_per_shard(1000, 1), 1000);
+        assert_eq!(prefetch_per_shard(1000, 3), 334);
+        assert_eq!(prefetch_per_shard(2, 3), 1);
+        assert_eq!(prefetch_per_shard(0, 3), 1);
+        assert_eq!(prefetch_per_shard(100, 0), 100);
+    }
+
+    #[test]
+    fn a_shard_ending_restarts_consuming() {
+        assert!(matches!(delivery(None), Err(AmqpError::ConsumerEnded)));
+        assert!(matches!(
+            delivery(Some(None)),
+            Err(AmqpError::ConsumerEnded)
+        ));
+    }
 }

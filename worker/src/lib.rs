@@ -68,10 +68,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let metrics = WorkerMetrics::new().context("metrics")?;
     let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
     let topology = Topology::from_settings(&settings);
-    let consume_link =
-        Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-consume").context("amqp.url")?);
-    let publish_link =
-        Arc::new(AmqpLink::new(&settings.amqp, "bulkops-worker-publish").context("amqp.url")?);
+    let consume_link = Arc::new(
+        AmqpLink::new(&settings.amqp, "bulkops-worker-consume")
+            .context("amqp.url / amqp.urls")?
+            .with_placement(topology.clone()),
+    );
+    let publish_link = Arc::new(
+        AmqpLink::new(&settings.amqp, "bulkops-worker-publish")
+            .context("amqp.url / amqp.urls")?
+            .with_placement(topology.clone()),
+    );
     let outages = Arc::new(outage::Outages::new(metrics.clone()));
     let gate = Arc::new(gate::LockGate::new(
         locks.clone(),

@@ -98,6 +98,7 @@ The Secret keys and the environment variables they become (CONTRACT section 5).
 {{- define "bulkops.secretEnvNames" -}}
 database-url: BULKOPS__DATABASE__URL
 amqp-url: BULKOPS__AMQP__URL
+amqp-urls: BULKOPS__AMQP__URLS
 redis-url: BULKOPS__REDIS__URL
 redis-nodes: BULKOPS__REDIS__NODES
 jwt-secret: BULKOPS__AUTH__JWT_SECRET
@@ -131,7 +132,8 @@ optional: []
 
 {{/*
 The secret keys a program needs (.keys, a list, with "redis" standing for the Redis keys
-of the mode) and the ones it may do without, as (dict "secretKeys" LIST "optionalSecretKeys" LIST).
+of the mode) and the ones it reads when present (the mode's optional Redis keys, and
+amqp-urls beside amqp-url), as (dict "secretKeys" LIST "optionalSecretKeys" LIST).
 Called with (dict "root" $ "keys" (list ...)).
 */}}
 {{- define "bulkops.secretKeys" -}}
@@ -144,12 +146,18 @@ Called with (dict "root" $ "keys" (list ...)).
 {{- $keys = append $keys . }}
 {{- end }}
 {{- end }}
-{{- toYaml (dict "secretKeys" $keys "optionalSecretKeys" (ternary $redis.optional (list) (has "redis" .keys))) }}
+{{- $optional := ternary $redis.optional (list) (has "redis" .keys) }}
+{{- if has "amqp-url" .keys }}
+{{- $optional = append $optional "amqp-urls" }}
+{{- end }}
+{{- toYaml (dict "secretKeys" $keys "optionalSecretKeys" $optional) }}
 {{- end }}
 
 {{/*
-Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs and its extra
-variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...) "extraEnv" LIST).
+Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs, those it reads
+when the Secret has them (optionalSecretKeys: amqp-urls, which an existingSecret may lack),
+and its extra variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...)
+"optionalSecretKeys" (list ...) "extraEnv" LIST).
 */}}
 {{- define "bulkops.env" -}}
 {{- $names := include "bulkops.secretEnvNames" . | fromYaml -}}
@@ -213,7 +221,7 @@ Secrets never appear here; they come from the environment.
 {{- $_ := set $config "http" (merge (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.producerPort" .))) $config.http) }}
 {{- $_ = set $config "metrics" (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.workerPort" .))) -}}
 # Rendered by the bulkops chart from .Values.config (keys: config/default.toml).
-# Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL,
+# Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL(S),
 # BULKOPS__REDIS__URL, BULKOPS__AUTH__JWT_SECRET.
 {{- range $section := keys $config | sortAlpha }}
 {{- $values := get $config $section }}
@@ -236,7 +244,7 @@ periods are held above the 29 s drain limit by the schema.)
 {{- $redisMode := .Values.config.redis.mode | default "standalone" }}
 {{- if not .Values.existingSecret }}
 {{- range $key := list "databaseUrl" "amqpUrl" "redisUrl" "jwtSecret" }}
-{{- if and (not (get $.Values.secrets $key)) (or (ne $key "redisUrl") (eq $redisMode "standalone")) }}
+{{- if and (not (get $.Values.secrets $key)) (or (ne $key "redisUrl") (eq $redisMode "standalone")) (not (and (eq $key "amqpUrl") $.Values.secrets.amqpUrls)) }}
 {{- fail (printf "secrets.%s is required unless existingSecret names a Secret with keys database-url, amqp-url, redis-url and jwt-secret" $key) }}
 {{- end }}
 {{- end }}
@@ -246,6 +254,9 @@ periods are held above the 29 s drain limit by the schema.)
 {{- if and (eq $redisMode "standalone") .Values.secrets.redisNodes }}
 {{- fail "secrets.redisNodes is set but config.redis.mode is standalone: set config.redis.mode to cluster or sentinel" }}
 {{- end }}
+{{- end }}
+{{- if and .Values.worker.keda.enabled (not .Values.worker.keda.prometheus.serverAddress) }}
+{{- fail "worker.keda.prometheus.serverAddress is required when worker.keda.enabled: KEDA scales on bulkops_lane_backlog_items through Prometheus" }}
 {{- end }}
 {{- end }}
 

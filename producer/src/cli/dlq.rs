@@ -53,9 +53,13 @@ fn header(table: Option<&FieldTable>, name: &str) -> String {
 async fn channel(
     settings: &Settings,
 ) -> anyhow::Result<(Arc<AmqpLink>, lapin::Channel, Topology, u32)> {
-    let link = Arc::new(AmqpLink::new(&settings.amqp, "bulkops-cli").context("amqp.url")?);
-    let ch = link.channel().await.context("connecting to the broker")?;
     let topology = Topology::from_settings(settings);
+    let link = Arc::new(
+        AmqpLink::new(&settings.amqp, "bulkops-cli")
+            .context("amqp.url / amqp.urls")?
+            .with_placement(topology.clone()),
+    );
+    let ch = link.channel().await.context("connecting to the broker")?;
     with_timeout(link.timeout(), topology.declare(&ch)).await?;
     let q = with_timeout(
         link.timeout(),
@@ -206,7 +210,8 @@ pub async fn replay(
         };
         match reopen(db, &msg).await? {
             Some(lane) => {
-                let queue = topology.work_queue(lane);
+                // Spread over the lane's shards as the splitter does.
+                let queue = topology.work_shard(lane, topology.shard_for(lane, msg.seq));
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 publisher
                     .publish_all(vec![Outgoing {

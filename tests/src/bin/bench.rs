@@ -16,6 +16,12 @@
 //!
 //! Every bulkops run uses the release binaries and a database cloned from a template, so
 //! runs never see each other's data. Each figure is the median of `--runs` runs.
+//!
+//! `bulkops-bench --cluster` (`make bench-cluster`) measures instead, in one run, bulk
+//! create records/s on a RabbitMQ node of its own against a 3-node RabbitMQ cluster of its
+//! own (the installed RabbitMQ, [`bulkops_tests::rabbit_cluster`]), each with
+//! `amqp.bulk_queues` = 1 and 3, with the brokers' CPU per 1,000 records, and writes the
+//! cluster table of docs/PERFORMANCE.md.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -48,6 +54,7 @@ struct Args {
     conversions: i64,
     runs: usize,
     out: String,
+    cluster: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -57,9 +64,14 @@ fn args() -> anyhow::Result<Args> {
         conversions: 10_000,
         runs: 3,
         out: "docs/PERFORMANCE.md".into(),
+        cluster: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--cluster" {
+            a.cluster = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--individuals" => a.individuals = value.parse()?,
@@ -149,6 +161,9 @@ struct Deployment {
     api: Api,
     prefix: String,
     began: Instant,
+    /// The broker its queues are on (`BULKOPS__AMQP__URL` in `extra`, else the machine's).
+    amqp: String,
+    bulk_queues: u16,
 }
 
 async fn deploy(
@@ -211,12 +226,22 @@ async fn deploy(
             .await?,
         )));
     }
+    let find = |key: &str| {
+        extra
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    };
     Ok(Deployment {
         producer: Arc::new(Mutex::new(producer)),
         workers: ws,
         api,
         prefix,
         began,
+        amqp: find("BULKOPS__AMQP__URL").unwrap_or_else(amqp_url),
+        bulk_queues: find("BULKOPS__AMQP__BULK_QUEUES")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
     })
 }
 
@@ -226,7 +251,7 @@ impl Deployment {
             w.lock().await.kill().await;
         }
         self.producer.lock().await.kill().await;
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let conn = Connection::connect(&self.amqp, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         let topology = bulkops_shared::topology::Topology::new(
             self.prefix.clone(),
@@ -237,7 +262,8 @@ impl Deployment {
                 Duration::from_secs(5),
                 Duration::from_secs(30),
             ],
-        );
+        )
+        .with_bulk_queues(self.bulk_queues);
         release_amqp(
             &ch,
             &topology,
@@ -557,6 +583,140 @@ impl Report {
     }
 }
 
+/// Replaces the text between `start` and `end` in `out` (appends both when absent).
+fn write_section(out: &std::path::Path, start: &str, end: &str, body: &str) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(out).unwrap_or_default();
+    let section = format!("{start}\n{body}{end}");
+    let new_doc = match (doc.find(start), doc.find(end)) {
+        (Some(s), Some(e)) => format!("{}{}{}", &doc[..s], section, &doc[e + end.len()..]),
+        _ => format!("{doc}\n{section}\n"),
+    };
+    std::fs::write(out, new_doc)?;
+    println!("\nwrote {}", out.display());
+    Ok(())
+}
+
+fn table(rows: &[(String, String, String)]) -> String {
+    let mut table = String::new();
+    let _ = writeln!(table, "| measurement | figure | notes |");
+    let _ = writeln!(table, "|---|---:|---|");
+    for (what, value, note) in rows {
+        let _ = writeln!(table, "| {what} | {value} | {note} |");
+    }
+    table
+}
+
+/// `--cluster`: bulk create on one RabbitMQ node against a 3-node cluster, with 1 and 3
+/// bulk shards, in the same run.
+async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
+    use bulkops_tests::rabbit_cluster::RabbitCluster;
+    use bulkops_tests::services::RabbitInstance;
+    const WORKERS: usize = 3;
+    let mut r = Report::default();
+    println!("seeding {} Individuals …", a.individuals);
+    let (agency, admin_user, record_type) =
+        seed_create_template("bulkops_bench_create", a.individuals).await?;
+    println!("starting a RabbitMQ node and a 3-node RabbitMQ cluster …");
+    let single = RabbitInstance::start().await?;
+    let cluster = RabbitCluster::start(3).await?;
+    let setups: [(&str, Vec<String>, Vec<&RabbitInstance>); 2] = [
+        ("1 RabbitMQ node", vec![single.url()], vec![&single]),
+        (
+            "3-node RabbitMQ cluster",
+            cluster.urls(),
+            cluster.nodes.iter().collect(),
+        ),
+    ];
+    let mut baseline = None;
+    for (label, urls, nodes) in &setups {
+        for shards in [1_u16, 3] {
+            let mut secs = Vec::new();
+            let mut broker_cpu = Vec::new();
+            let mut node_cpu: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
+            let mut worker_cpu = Vec::new();
+            let mut created = 0;
+            for run in 0..a.runs {
+                let db = clone_db("bulkops_bench_create", "bulkops_bench_run").await?;
+                let mut extra = vec![
+                    ("BULKOPS__AMQP__URL", urls[0].clone()),
+                    ("BULKOPS__AMQP__BULK_QUEUES", shards.to_string()),
+                ];
+                if urls.len() > 1 {
+                    extra.push(("BULKOPS__AMQP__URLS", urls.join(",")));
+                }
+                let tag = format!("cluster-{}-{shards}-{run}", urls.len());
+                let d = deploy("bulkops_bench_run", WORKERS, &extra, &tag).await?;
+                let cpu_before: Vec<f64> = nodes.iter().map(|n| n.cpu_seconds()).collect();
+                let (_, worker_before) = d.workers_usage().await;
+                let t = token(admin_user, agency);
+                let started = Instant::now();
+                let batch = d
+                    .api
+                    .bulk_create(&t, &json!({"filter": serde_json::from_str::<serde_json::Value>(FILTER)?, "record_type_id": record_type}))
+                    .await?;
+                let (_, n) = wait_batch(&db, batch, "n_created").await?;
+                secs.push(started.elapsed().as_secs_f64());
+                created = n;
+                let thousands = (n as f64 / 1000.0).max(f64::MIN_POSITIVE);
+                let per_node: Vec<f64> = nodes
+                    .iter()
+                    .zip(&cpu_before)
+                    .map(|(n, before)| (n.cpu_seconds() - before) / thousands)
+                    .collect();
+                broker_cpu.push(per_node.iter().sum());
+                for (all, one) in node_cpu.iter_mut().zip(&per_node) {
+                    all.push(*one);
+                }
+                let (_, worker_after) = d.workers_usage().await;
+                worker_cpu.push((worker_after - worker_before) / thousands);
+                d.stop().await?;
+                db.close().await?;
+            }
+            let rate = created as f64 / median(secs.clone());
+            let base = *baseline.get_or_insert(rate);
+            let nodes_note = if nodes.len() > 1 {
+                let each: Vec<String> = node_cpu
+                    .into_iter()
+                    .map(|v| format!("{:.2}", median(v)))
+                    .collect();
+                format!(" ({} per node)", each.join(" / "))
+            } else {
+                String::new()
+            };
+            r.row(
+                &format!("{label}, amqp.bulk_queues = {shards}: bulk create, {WORKERS} workers"),
+                format!("{rate:.0} rec/s"),
+                format!(
+                    "{:.0} % of 1 node / 1 queue; {created} created in {:.2} s; CPU s per 1,000 records: brokers {:.2}{nodes_note}, workers {:.2} (medians of {})",
+                    100.0 * rate / base,
+                    median(secs),
+                    median(broker_cpu),
+                    median(worker_cpu),
+                    a.runs
+                ),
+            );
+        }
+    }
+    drop_db("bulkops_bench_run").await?;
+    drop_db("bulkops_bench_create").await?;
+    drop(setups);
+    drop(cluster);
+    drop(single);
+    let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+    let body = format!(
+        "Measured {stamp} on this 2-core machine, shared with other work (the figures are noisy), with `make bench-cluster` (`bulkops-bench --cluster --individuals {} --runs {}`; medians):\n\n{}",
+        a.individuals,
+        a.runs,
+        table(&r.rows)
+    );
+    write_section(
+        &workspace_root().join(&a.out),
+        "<!-- bench-cluster:start -->",
+        "<!-- bench-cluster:end -->",
+        &body,
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
@@ -570,6 +730,9 @@ async fn main() -> anyhow::Result<()> {
                 bin.join(p).display()
             );
         }
+    }
+    if a.cluster {
+        return cluster_bench(&a).await;
     }
 
     // a. bulk create
@@ -879,26 +1042,17 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // The report.
-    let mut table = String::new();
-    let _ = writeln!(table, "| measurement | figure | notes |");
-    let _ = writeln!(table, "|---|---:|---|");
-    for (what, value, note) in &r.rows {
-        let _ = writeln!(table, "| {what} | {value} | {note} |");
-    }
-    let out = workspace_root().join(&a.out);
-    let doc = std::fs::read_to_string(&out).unwrap_or_default();
-    let start = "<!-- bench:start -->";
-    let end = "<!-- bench:end -->";
     let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
     let body = format!(
-        "{start}\nMeasured {stamp} on this 2-core machine with `make bench` (N={}, {} runs each, medians):\n\n{table}{end}",
-        a.individuals, a.runs
+        "Measured {stamp} on this 2-core machine with `make bench` (N={}, {} runs each, medians):\n\n{}",
+        a.individuals,
+        a.runs,
+        table(&r.rows)
     );
-    let new_doc = match (doc.find(start), doc.find(end)) {
-        (Some(s), Some(e)) => format!("{}{}{}", &doc[..s], body, &doc[e + end.len()..]),
-        _ => format!("{doc}\n{body}\n"),
-    };
-    std::fs::write(&out, new_doc)?;
-    println!("\nwrote {}", out.display());
-    Ok(())
+    write_section(
+        &workspace_root().join(&a.out),
+        "<!-- bench:start -->",
+        "<!-- bench:end -->",
+        &body,
+    )
 }

@@ -27,3 +27,15 @@ mod pg;
 mod rabbit;
 mod redis;
 mod rolling;
+
+use bulkops_tests::check::Tally;
+
+/// How many times each scenario runs (`CLUSTER_RUNS`, default 1).
+pub fn runs() -> usize {
+    bulkops_tests::scenario::runs_from("CLUSTER_RUNS")
+}
+
+/// Appends a scenario's tally to the cluster suite's results and asserts it is clean.
+pub fn record(fault: &str, tally: Tally) {
+    bulkops_tests::scenario::record_to("cluster.jsonl", fault, tally);
+}

@@ -171,6 +171,7 @@ async fn cli_batches_dead_letters_and_metrics() {
         "bulkops_batches_accepted_total",
         "bulkops_split_published_total",
         "bulkops_queue_messages",
+        "bulkops_lane_backlog_items",
         "bulkops_chunk_duration_seconds",
     ] {
         assert!(
