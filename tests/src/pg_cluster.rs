@@ -87,6 +87,16 @@ impl PgBouncer {
     /// Starts PgBouncer on a free port in front of the PostgreSQL at `upstream_port` on
     /// 127.0.0.1, serving every database of it (`* =`), with trust authentication.
     pub async fn start(upstream_port: u16, mode: PoolMode) -> anyhow::Result<Self> {
+        Self::start_with_pool(upstream_port, mode, 100).await
+    }
+
+    /// As [`PgBouncer::start`], with at most `pool_size` server connections per database
+    /// and user (1 makes every client share one server connection).
+    pub async fn start_with_pool(
+        upstream_port: u16,
+        mode: PoolMode,
+        pool_size: u32,
+    ) -> anyhow::Result<Self> {
         let dir = scratch_dir("pgbouncer");
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -99,7 +109,7 @@ impl PgBouncer {
                 "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
                  unix_socket_dir =\nauth_type = trust\nauth_file = {dir}/userlist.txt\n\
-                 pool_mode = {mode}\nmax_client_conn = 1000\ndefault_pool_size = 100\n\
+                 pool_mode = {mode}\nmax_client_conn = 1000\ndefault_pool_size = {pool_size}\n\
                  server_reset_query = DISCARD ALL\nserver_login_retry = 1\n\
                  logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n\
                  admin_users = postgres\n",

@@ -98,9 +98,11 @@ async fn pgbouncer_session_mode_carries_the_pool_and_its_settings() {
 /// connection, so the second one's statement collides with the first one's (or runs on a
 /// server that never saw it). If this ever passes, transaction mode may have become
 /// possible (a PgBouncer with `max_prepared_statements`): update docs/OPERATIONS.md.
+/// One server connection for both clients makes the collision certain rather than a
+/// matter of which server PgBouncer happens to hand out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_transaction_mode_breaks_prepared_statements() {
-    let bouncer = PgBouncer::start(machine_pg_port(), PoolMode::Transaction)
+    let bouncer = PgBouncer::start_with_pool(machine_pg_port(), PoolMode::Transaction, 1)
         .await
         .expect("pgbouncer");
     let url = format!("{}/postgres", bouncer.server_url());
