@@ -9,12 +9,16 @@
 //! the Individual), and records of a type the user lacks full rights on are `failed`
 //! (`forbidden`). Workers apply the same rules again when they process an item, because the
 //! database may change between acceptance and processing.
+//!
+//! A batch left with nothing to do (a search that found nobody, or every item settled here)
+//! is `completed` by this same transaction, with `completed_at` and its
+//! `bulk_batch.completed` event in the outbox, so the CRM's progress modal never waits on it.
 
 use bulkops_shared::batch::{BatchKind, Lane, reason};
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use bulkops_shared::ids::BatchId;
-use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::progress::{OutcomeDelta, complete_empty, record_outcomes};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -189,9 +193,16 @@ pub async fn accept(
     ))
     .await
     .map_err(ApiError::db)?;
-    let completed = record_outcomes(&tx, batch_id, delta)
-        .await
-        .map_err(ApiError::db)?;
+    // A batch whose every item is settled here completes here, like any other: the
+    // transaction that records its last outcome marks it completed and writes its event.
+    // One with no items at all records no outcome, so it is completed explicitly.
+    let completed = if total == 0 {
+        complete_empty(&tx, batch_id).await.map_err(ApiError::db)?
+    } else {
+        record_outcomes(&tx, batch_id, delta)
+            .await
+            .map_err(ApiError::db)?
+    };
     if completed || to_publish == 0 {
         tx.execute_raw(stmt(
             "UPDATE bulk_batches SET split_done_at = clock_timestamp(), split_owner = NULL,
