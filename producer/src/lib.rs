@@ -11,11 +11,13 @@
 //! - [`monitor`]: gauges for dashboards and autoscalers.
 //! - [`openapi`]: the generated OpenAPI document.
 //! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
+//! - [`csv_safe`]: the spreadsheet-safe cell rule of every CSV export.
 
 pub mod accept;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod csv_safe;
 pub mod extract;
 pub mod monitor;
 pub mod openapi;
