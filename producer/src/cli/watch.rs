@@ -14,8 +14,7 @@ use super::out;
 use crate::routes::batches::{BatchView, batch_from_row};
 use crate::routes::search::csv_line;
 
-const COLUMNS: &str = "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
-     requested_by, record_type_id, filter, created_at, completed_at";
+use crate::routes::batches::BATCH_COLUMNS as COLUMNS;
 
 async fn load(db: &DatabaseConnection, id: i64) -> anyhow::Result<BatchView> {
     let row = db
@@ -151,7 +150,12 @@ pub async fn items(
     status: Option<String>,
     csv: bool,
 ) -> anyhow::Result<()> {
-    load(db, id).await?;
+    if let Some(at) = load(db, id).await?.items_pruned_at {
+        anyhow::bail!(
+            "the items of batch {id} were pruned on {} under the retention policy (retention.items_days); `bulkops batch show {id}` still has its counts",
+            at.format("%Y-%m-%d")
+        );
+    }
     let mut params: Vec<Value> = vec![id.into()];
     let mut sql =
         "SELECT seq, target_id, status, result_id, reason FROM bulk_items WHERE batch_id = $1"

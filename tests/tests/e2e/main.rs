@@ -11,6 +11,8 @@ mod create;
 mod openapi;
 mod ops;
 mod privacy;
+mod quota;
+mod retention;
 
 use bulkops_tests::TestEnv;
 
