@@ -263,6 +263,8 @@ pub async fn preview(
         (status = 403, description = "The user may not bulk create", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expected_total differs from what the search finds now", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Idempotency-Key reused for another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The agency's undecided items would exceed limits.max_active_items_per_agency; nothing was frozen", body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
@@ -303,6 +305,8 @@ pub async fn create(
         (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The user may not convert", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Enhanced Records agency, or Idempotency-Key reused for another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The agency's undecided items would exceed limits.max_active_items_per_agency; nothing was frozen", body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
