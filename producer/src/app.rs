@@ -9,6 +9,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use bulkops_shared::amqp::{AmqpLink, Publisher};
 use bulkops_shared::config::Settings;
 use bulkops_shared::lock::Locks;
@@ -177,6 +178,14 @@ pub async fn serve(
 
     let addr = listener.local_addr().context("listener address")?;
     tracing::info!(%addr, split_owner = %split_owner, "bulkops-producer listening on {addr}");
+    // A streamed body (the CSV exports) leaves in several small writes; with Nagle's
+    // algorithm each one after the first waits for the client's delayed ACK, which added
+    // 40 ms to every small export under load.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
