@@ -74,6 +74,19 @@ bench: ## Benchmark against the set-based limit (N=100000 Individuals, BIG=10000
 	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
 	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --individuals $(N) --big $(BIG) --runs $(RUNS)
 
+.PHONY: bench-fairness
+bench-fairness: ## Fair shares per agency: 4 batches of FAIR_ITEMS=50000 against 1, both policies (FAIR_RUNS=1); writes docs/PERFORMANCE.md's fairness table
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --fairness --fair-items $${FAIR_ITEMS:-50000} --runs $${FAIR_RUNS:-1}
+
+LOAD_SECS ?= 60
+LOAD_CLIENTS ?= 50,200
+
+.PHONY: load
+load: ## HTTP load: a realistic request mix for LOAD_SECS=60 s at LOAD_CLIENTS=50,200 concurrent clients; writes docs/PERFORMANCE.md's load table
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-load --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-load --secs $(LOAD_SECS) --clients $(LOAD_CLIENTS)
+
 .PHONY: demo
 demo: release ## Seed a demo agency, run a producer and two workers, bulk create, convert, show progress
 	bash scripts/demo.sh
