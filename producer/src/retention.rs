@@ -23,7 +23,7 @@
 //! (a range of one batch's primary key, or the oldest rows by a timestamp index) in its own
 //! short transaction, with `retention.pause_ms` between deletes, so its locks and WAL come
 //! in small pieces that workers and the API do not notice. `bulk_items` is not partitioned:
-//! see docs/OPERATIONS.md for the measurement behind that choice.
+//! see docs/PERFORMANCE.md ("Retention") for the measurement behind that choice.
 
 use std::time::Duration;
 
