@@ -250,6 +250,9 @@ impl Pruner {
                 "SELECT id, total FROM bulk_batches
                   WHERE items_pruned_at IS NOT NULL AND NOT items_prune_done
                     AND items_pruned_at <= clock_timestamp() - make_interval(secs => $1)
+                    -- A batch reopened since (a dead letter replayed) waits until it is
+                    -- completed again.
+                    AND completed_at IS NOT NULL
                   ORDER BY id",
                 [(self.cfg.interval_secs as f64 * 0.9).into()],
             ))
