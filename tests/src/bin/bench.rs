@@ -563,6 +563,11 @@ async fn seed_fairness_agency(name: &str) -> anyhow::Result<(i64, i64, i64, Vec<
 // ---------------------------------------------------------------------------------------
 // f. fair shares per agency
 
+/// Databases of their own, so that a fairness run and a full `make bench` (whose
+/// `bulkops_bench_run` is dropped and recreated for every run) never meet.
+const FAIR_TEMPLATE_DB: &str = "bulkops_bench_fair";
+const FAIR_RUN_DB: &str = "bulkops_bench_fair_run";
+
 /// Two agencies: "Busy" with 4 × `items` Individuals in four counties (one batch each) and
 /// "Quiet" with `items`. Plain Individuals (no policies, no one linked): every item is a
 /// create, so the two agencies' items cost the same.
@@ -629,8 +634,8 @@ async fn fairness_run(
     extra: &[(&str, String)],
     tag: &str,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let db = clone_db(template, "bulkops_bench_run").await?;
-    let d = deploy("bulkops_bench_run", 2, extra, tag).await?;
+    let db = clone_db(template, FAIR_RUN_DB).await?;
+    let d = deploy(FAIR_RUN_DB, 2, extra, tag).await?;
     let [
         (busy, busy_admin, busy_type),
         (quiet, quiet_admin, quiet_type),
@@ -685,7 +690,7 @@ async fn fairness(a: &Args) -> anyhow::Result<Vec<(String, String, String)>> {
         4 * a.fair_items,
         a.fair_items
     );
-    let agencies = seed_fairness_template("bulkops_bench_fair", a.fair_items).await?;
+    let agencies = seed_fairness_template(FAIR_TEMPLATE_DB, a.fair_items).await?;
     let mut rows = Vec::new();
     for (policy, extra) in [
         ("per agency, then per batch (default)", vec![]),
@@ -698,13 +703,8 @@ async fn fairness(a: &Args) -> anyhow::Result<Vec<(String, String, String)>> {
         let mut quiet = Vec::new();
         let mut window = Vec::new();
         for run in 0..a.runs {
-            let (b, q, secs) = fairness_run(
-                "bulkops_bench_fair",
-                &agencies,
-                &extra,
-                &format!("fair-{run}"),
-            )
-            .await?;
+            let (b, q, secs) =
+                fairness_run(FAIR_TEMPLATE_DB, &agencies, &extra, &format!("fair-{run}")).await?;
             println!("  {policy}: busy {b:.0}/s, quiet {q:.0}/s over {secs:.1} s");
             busy.push(b);
             quiet.push(q);
@@ -721,8 +721,8 @@ async fn fairness(a: &Args) -> anyhow::Result<Vec<(String, String, String)>> {
             ),
         ));
     }
-    drop_db("bulkops_bench_run").await?;
-    drop_db("bulkops_bench_fair").await?;
+    drop_db(FAIR_RUN_DB).await?;
+    drop_db(FAIR_TEMPLATE_DB).await?;
     Ok(rows)
 }
 
