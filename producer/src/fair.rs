@@ -4,11 +4,13 @@
 //! Every message waits its turn in the same FIFO work queue, so an agency's share of the
 //! workers is its share of the messages in flight (Little's law: equal time in the queue,
 //! so throughput ∝ messages waiting). The splitter therefore keeps every agency at the same
-//! number of bulk-lane messages in flight (`split.max_in_flight_per_agency`), and shares
-//! that number among the agency's batches, topping up the one with the fewest in flight
-//! first (water-filling), each within its own window (`split.max_in_flight_per_batch`) and
-//! the round's chunk size. An agency with five large batches thus gets the same share as an
-//! agency with one, and its five batches a fifth each.
+//! number of bulk-lane messages in flight (`split.max_in_flight_per_agency`), tops every
+//! agency up by at most one chunk (`split.chunk_size`) per round, and shares that among the
+//! agency's batches, topping up the one with the fewest in flight first (water-filling),
+//! each within its own window (`split.max_in_flight_per_batch`). An agency with five large
+//! batches thus gets the same share as an agency with one, and its five batches a fifth
+//! each, both when the windows are full (the workers are the bottleneck) and when they are
+//! not (the splitter is: then what an agency gets is what it is published per round).
 //!
 //! Interactive-lane batches have a queue and worker capacity of their own and are tiny:
 //! they only get their per-batch room, and never count against an agency's bulk share.
@@ -73,22 +75,28 @@ pub fn plan(batches: &[Candidate], agency_in_flight: &HashMap<i64, i64>, w: Wind
     }
     for (agency, members) in by_agency {
         let in_flight = agency_in_flight.get(&agency).copied().unwrap_or(0).max(0);
-        let share = (w.per_agency - in_flight).max(0);
-        let caps: Vec<i64> = members
+        // At most one chunk per agency per round, whatever its number of batches: when the
+        // workers drain the queue faster than the splitter fills it (the windows are not
+        // full), what each agency gets is what it is published per round.
+        let share = (w.per_agency - in_flight).max(0).min(chunk);
+        // A batch with nothing left to publish keeps a token room of 1 (outside the share:
+        // it publishes nothing) so that its split can finish; the others share.
+        let (finishing, sharing): (Vec<usize>, Vec<usize>) = members
+            .into_iter()
+            .partition(|&i| batches[i].unpublished <= 0);
+        for i in finishing {
+            rooms[i] = rooms[i].min(1);
+        }
+        let caps: Vec<i64> = sharing
             .iter()
-            .map(|&i| {
-                let b = &batches[i];
-                // A batch with items left takes at most those; one without keeps a token
-                // room of 1 so its split can finish (it publishes nothing).
-                rooms[i].min(b.unpublished.max(1))
-            })
+            .map(|&i| rooms[i].min(batches[i].unpublished))
             .collect();
-        let levels: Vec<i64> = members
+        let levels: Vec<i64> = sharing
             .iter()
             .map(|&i| batches[i].in_flight.max(0))
             .collect();
         let given = water_fill(&levels, &caps, share);
-        for (k, &i) in members.iter().enumerate() {
+        for (k, &i) in sharing.iter().enumerate() {
             rooms[i] = given[k];
         }
     }
@@ -238,18 +246,43 @@ mod tests {
 
     #[test]
     fn the_emptiest_batch_of_an_agency_is_topped_up_first() {
-        // 5,000 of the agency's 20,000 are free.
+        // 5,000 of the agency's 20,000 are free, one chunk (2,000) this round: it goes to
+        // the emptiest batch.
         let batches = vec![bulk(1, 9_000), bulk(1, 6_000), bulk(1, 0)];
+        assert_eq!(plan(&batches, &in_flight_of(&batches), W), vec![0, 0, 2000]);
+        let batches = vec![bulk(1, 9_000), bulk(1, 1_500), bulk(1, 1_000)];
         assert_eq!(
             plan(&batches, &in_flight_of(&batches), W),
-            vec![1000, 2000, 2000]
+            vec![0, 750, 1250]
         );
-        // 3,000 free: the two emptiest first, the emptiest the most.
-        let batches = vec![bulk(1, 9_000), bulk(1, 7_000), bulk(1, 1_000)];
-        assert_eq!(
-            plan(&batches, &in_flight_of(&batches), W),
-            vec![0, 1000, 2000]
-        );
+        // Less than a chunk free: that much.
+        let batches = vec![bulk(1, 9_000), bulk(1, 9_500), bulk(1, 1_000)];
+        assert_eq!(plan(&batches, &in_flight_of(&batches), W), vec![0, 0, 500]);
+    }
+
+    #[test]
+    fn every_agency_gets_one_chunk_a_round_however_many_batches_it_has() {
+        let batches = vec![bulk(1, 0), bulk(1, 0), bulk(1, 0), bulk(1, 0), bulk(2, 0)];
+        let rooms = plan(&batches, &in_flight_of(&batches), W);
+        assert_eq!(rooms[..4].iter().sum::<i64>(), 2000, "{rooms:?}");
+        assert_eq!(rooms[4], 2000);
+        assert_eq!(rooms[..4], [500, 500, 500, 500]);
+    }
+
+    /// When the splitter is the bottleneck (the workers take everything published before
+    /// the next round), each agency's share is what it is published per round.
+    #[test]
+    fn a_slow_splitter_still_gives_even_shares() {
+        let mut batches = vec![bulk(1, 0), bulk(1, 0), bulk(1, 0), bulk(1, 0), bulk(2, 0)];
+        let mut decided: HashMap<i64, i64> = HashMap::new();
+        for _ in 0..100 {
+            let rooms = plan(&batches, &in_flight_of(&batches), W);
+            for (b, r) in batches.iter_mut().zip(rooms) {
+                *decided.entry(b.agency_id).or_default() += r;
+                b.unpublished -= r;
+            }
+        }
+        assert_eq!(decided[&1], decided[&2]);
     }
 
     #[test]
