@@ -81,6 +81,18 @@ CLUSTER_BENCH_RUNS ?= 3
 bench-cluster: ## Bulk-create records/s on a 3-node RabbitMQ cluster against one node, amqp.bulk_queues 1 and 3, in one run (CLUSTER_N=200000 Individuals, CLUSTER_BENCH_RUNS=3 medians); writes docs/PERFORMANCE.md
 	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
 	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --cluster --individuals $(CLUSTER_N) --runs $(CLUSTER_BENCH_RUNS)
+.PHONY: bench-fairness
+bench-fairness: ## Fair shares per agency: 4 batches of FAIR_ITEMS=50000 against 1, both policies (FAIR_RUNS=1); writes docs/PERFORMANCE.md's fairness table
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --fairness --fair-items $${FAIR_ITEMS:-50000} --runs $${FAIR_RUNS:-1}
+
+LOAD_SECS ?= 60
+LOAD_CLIENTS ?= 50,200
+
+.PHONY: load
+load: ## HTTP load: a realistic request mix for LOAD_SECS=60 s at LOAD_CLIENTS=50,200 concurrent clients; writes docs/PERFORMANCE.md's load table
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-load --bin bulkops-producer --bin bulkops-worker
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-load --secs $(LOAD_SECS) --clients $(LOAD_CLIENTS)
 
 .PHONY: demo
 demo: release ## Seed a demo agency, run a producer and two workers, bulk create, convert, show progress

@@ -2,11 +2,12 @@
 //!
 //! The CRM's tables of CONTRACT §1 (all of them, so the schema does not churn as features
 //! land) with the indexes bulkops' queries need; bulkops' own tables (batches, items,
-//! outbox, idempotency keys, conversion log); and the triggers beside the CRM's tables that
+//! outbox, idempotency keys, conversion log); the triggers beside the CRM's tables that
 //! keep a child row from outliving the Sales Record it belongs to (`orphan_guard.sql`);
 //! the stall sweeper's republish generations and the workers' outage reports
-//! (`stall_bound.sql`). Each is plain SQL kept
-//! beside this file, applied in one transaction.
+//! (`stall_bound.sql`); then what quotas, fair shares and retention need (pruning
+//! columns, indexes, leases: `quotas_retention.sql`). Each is plain SQL kept beside this
+//! file, applied in one transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
 //! concurrent runs with an advisory lock, so any number of deploy hooks or test harnesses
@@ -37,6 +38,10 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261201_000004_stall_bound",
                 up: include_str!("stall_bound.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261202_000005_quotas_retention",
+                up: include_str!("quotas_retention.sql"),
             }),
         ]
     }

@@ -9,18 +9,23 @@
 //! the Individual), and records of a type the user lacks full rights on are `failed`
 //! (`forbidden`). Workers apply the same rules again when they process an item, because the
 //! database may change between acceptance and processing.
+//!
+//! A batch left with nothing to do (a search that found nobody, or every item settled here)
+//! is `completed` by this same transaction, with `completed_at` and its
+//! `bulk_batch.completed` event in the outbox, so the CRM's progress modal never waits on it.
 
 use bulkops_shared::batch::{BatchKind, Lane, reason};
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use bulkops_shared::ids::BatchId;
-use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::progress::{OutcomeDelta, complete_empty, record_outcomes};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
 use crate::problem::ApiError;
+use crate::quota;
 
 /// What the batch is made of.
 #[derive(Debug, Clone)]
@@ -95,26 +100,66 @@ pub enum Acceptance {
     Replayed(AcceptedBatch),
 }
 
+/// How this producer accepts batches.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptConfig {
+    /// Batches with at most this many items to publish take the interactive lane.
+    pub interactive_max_items: u64,
+    /// This producer's split lease identity: it splits what it accepts.
+    pub split_owner: uuid::Uuid,
+    /// Split lease lifetime, in seconds.
+    pub lease_secs: u64,
+    /// `limits.max_active_items_per_agency` (0: no limit).
+    pub max_active_items_per_agency: u64,
+}
+
 /// Accepts a batch for `caller`.
 ///
 /// # Errors
-/// 409 on an `expected_total` mismatch, 422 on a key reused for another request, 503/500
-/// on database failures.
+/// 409 on an `expected_total` mismatch, 422 on a key reused for another request, 429 when
+/// the agency's quota has no room for it, 503/500 on database failures.
 pub async fn accept(
     db: &DatabaseConnection,
     caller: &Caller,
     targets: &Targets,
     idempotency: Option<&IdempotencyKey>,
-    interactive_max_items: u64,
-    split_owner: uuid::Uuid,
-    lease_secs: u64,
+    cfg: AcceptConfig,
 ) -> Result<Acceptance, ApiError> {
+    let AcceptConfig {
+        interactive_max_items,
+        split_owner,
+        lease_secs,
+        max_active_items_per_agency: limit,
+    } = cfg;
     let tx = db.begin().await.map_err(ApiError::db)?;
     if let Some(key) = idempotency
         && let Some(replay) = claim_key(&tx, caller, key).await?
     {
         tx.rollback().await.map_err(ApiError::db)?;
         return Ok(Acceptance::Replayed(replay));
+    }
+    // The quota, checked before anything is frozen (see `crate::quota`).
+    let exempt = match targets {
+        Targets::Conversion { ids } => quota::is_single_conversion(ids),
+        Targets::Search { .. } => false,
+    };
+    let mut quota_state = None;
+    if limit > 0 && !exempt {
+        let now = quota::lock_and_measure(&tx, caller.agency_id).await?;
+        let room = quota::room(limit, now.items);
+        let (requested, exact) = match targets {
+            Targets::Search { filter, .. } => {
+                quota::count_search(&tx, caller, filter, room).await?
+            }
+            Targets::Conversion { ids } => {
+                (quota::count_conversion(&tx, caller, ids, room).await?, true)
+            }
+        };
+        if let Some(refusal) = quota::check(limit, now, requested, exact) {
+            tx.rollback().await.map_err(ApiError::db)?;
+            return Err(ApiError::QuotaExceeded(refusal));
+        }
+        quota_state = Some(now);
     }
     let kind = match targets {
         Targets::Search { .. } => BatchKind::CreateSalesRecords,
@@ -166,9 +211,17 @@ pub async fn accept(
             "the search now finds {total} Individuals, not the expected {expected}; preview again and resubmit"
         )));
     }
-    refresh_statistics(&tx, total).await?;
     let presettled = delta.total();
     let to_publish = total - presettled;
+    // The count above and the freeze are two statements: the CRM may have added
+    // Individuals in between. The limit holds for what was actually frozen.
+    if let Some(now) = quota_state
+        && let Some(refusal) = quota::check(limit, now, to_publish, true)
+    {
+        tx.rollback().await.map_err(ApiError::db)?;
+        return Err(ApiError::QuotaExceeded(refusal));
+    }
+    refresh_statistics(&tx, total).await?;
     let lane = Lane::for_total(
         u64::try_from(to_publish).unwrap_or(0),
         interactive_max_items,
@@ -189,9 +242,16 @@ pub async fn accept(
     ))
     .await
     .map_err(ApiError::db)?;
-    let completed = record_outcomes(&tx, batch_id, delta)
-        .await
-        .map_err(ApiError::db)?;
+    // A batch whose every item is settled here completes here, like any other: the
+    // transaction that records its last outcome marks it completed and writes its event.
+    // One with no items at all records no outcome, so it is completed explicitly.
+    let completed = if total == 0 {
+        complete_empty(&tx, batch_id).await.map_err(ApiError::db)?
+    } else {
+        record_outcomes(&tx, batch_id, delta)
+            .await
+            .map_err(ApiError::db)?
+    };
     if completed || to_publish == 0 {
         tx.execute_raw(stmt(
             "UPDATE bulk_batches SET split_done_at = clock_timestamp(), split_owner = NULL,

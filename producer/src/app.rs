@@ -83,8 +83,8 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-/// Runs the producer until `shutdown`: the API, the splitter, the outbox relay and the
-/// gauges. Dependencies may be down at start: requests then answer 503, `/readyz` says so,
+/// Runs the producer until `shutdown`: the API, the splitter, the outbox relay, the
+/// retention pruner and the gauges. Dependencies may be down at start: requests then answer 503, `/readyz` says so,
 /// and everything reconnects by itself.
 ///
 /// # Errors
@@ -171,6 +171,15 @@ pub async fn serve(
         )
         .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
         tasks.spawn(relay.run(shutdown.clone()));
+    }
+    if settings.retention.enabled {
+        let pruner = crate::retention::Pruner::new(
+            db.clone(),
+            settings.retention.clone(),
+            split_owner,
+            metrics.clone(),
+        );
+        tasks.spawn(pruner.run(shutdown.clone()));
     }
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
     tasks.spawn(crate::monitor::run(

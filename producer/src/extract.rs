@@ -46,8 +46,9 @@ where
 /// # Errors
 /// A 400 [`ApiError`] naming the field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|_| ApiError::field("body", "the request body is not valid JSON"))?;
+    integral_numbers_as_integers(&mut value);
     if !value.is_object() {
         return Err(ApiError::field(
             "body",
@@ -58,6 +59,26 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let msg = e.inner().to_string();
         ApiError::Invalid(vec![field_error_from_serde("", e.path(), &msg)])
     })
+}
+
+/// JSON Schema's `integer` is any number without a fractional part, so `1500.0` and `1e3`
+/// are integers to a client generated from the document; serde would refuse them where an
+/// `i64` is expected. Every number in a request body that is integral and within `i64`
+/// becomes an integer before parsing (no request field is fractional).
+fn integral_numbers_as_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f)
+            {
+                *v = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// A query string parsed into `T`.
@@ -148,6 +169,25 @@ pub mod int_from_str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integral_numbers_are_integers() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct R {
+            a: i64,
+            b: Vec<i64>,
+        }
+        let r: R = parse_json(br#"{"a": 1500.0, "b": [1e3, -2.0, 7]}"#).unwrap();
+        assert_eq!(
+            r,
+            R {
+                a: 1500,
+                b: vec![1000, -2, 7]
+            }
+        );
+        assert!(parse_json::<R>(br#"{"a": 1.5, "b": []}"#).is_err());
+        assert!(parse_json::<R>(br#"{"a": 1e19, "b": []}"#).is_err());
+    }
 
     #[test]
     fn decodes_query_strings() {

@@ -8,20 +8,28 @@
 //! - [`auth`]: JWT authentication into a [`auth::Caller`] with the user's rights.
 //! - [`extract`], [`problem`]: typed request parsing and RFC 9457 errors.
 //! - [`accept`]: accepting a batch in one transaction (freeze, pre-settle, idempotency).
+//! - [`quota`]: the per-agency limit on items in flight.
+//! - [`fair`]: fair shares of the bulk lane, per agency then per batch.
+//! - [`retention`]: the pruner of finished batches' items, old keys and logs.
 //! - [`split`]: resumable, metered, fair splitting into messages.
 //! - [`monitor`]: gauges for dashboards and autoscalers.
 //! - [`openapi`]: the generated OpenAPI document.
 //! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
+//! - [`csv_safe`]: the spreadsheet-safe cell rule of every CSV export.
 
 pub mod accept;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod csv_safe;
 pub mod extract;
+pub mod fair;
 pub mod listener;
 pub mod monitor;
 pub mod openapi;
 pub mod problem;
+pub mod quota;
+pub mod retention;
 pub mod routes;
 pub mod split;
 pub mod state;

@@ -48,6 +48,9 @@ pub enum ApiError {
     /// 404: nothing with that id in the caller's agency.
     #[error("not found")]
     NotFound(&'static str),
+    /// 410: what was asked for existed and was removed for good (pruned items).
+    #[error("gone: {0}")]
+    Gone(String),
     /// 409: the request conflicts with the current state.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -60,6 +63,9 @@ pub enum ApiError {
     /// 422: understood but cannot be done.
     #[error("unprocessable: {0}")]
     Unprocessable(String),
+    /// 429: the agency's quota of items in flight has no room for this request.
+    #[error("quota exceeded")]
+    QuotaExceeded(crate::quota::Refusal),
     /// 503: a dependency is down; try again.
     #[error("unavailable: {0}")]
     Unavailable(#[source] anyhow::Error),
@@ -124,6 +130,7 @@ impl ApiError {
                 why.clone(),
                 None,
             ),
+            Self::Gone(why) => (StatusCode::GONE, "gone", "Gone", why.clone(), None),
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload-too-large",
@@ -143,6 +150,13 @@ impl ApiError {
                 "unprocessable",
                 "Cannot be processed",
                 why.clone(),
+                None,
+            ),
+            Self::QuotaExceeded(r) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota-exceeded",
+                "Too many items in flight",
+                quota_detail(r),
                 None,
             ),
             Self::Unavailable(_) => (
@@ -167,6 +181,27 @@ impl ApiError {
             detail,
             errors,
         }
+    }
+}
+
+/// The 429's detail: how many items are in flight, what the request adds, the limit.
+fn quota_detail(r: &crate::quota::Refusal) -> String {
+    let limit = i64::try_from(r.limit).unwrap_or(i64::MAX);
+    let adds = if r.requested_exact {
+        format!("{}", r.requested)
+    } else {
+        format!("at least {}", r.requested)
+    };
+    if r.requested > limit {
+        format!(
+            "this request would add {adds} undecided items: more than your agency's limit of {} items in flight on its own; split it into smaller requests (your agency has {} in flight now)",
+            r.limit, r.in_flight
+        )
+    } else {
+        format!(
+            "your agency has {} undecided items in flight and this request would add {adds}; the limit is {}. Retry after {} s, when enough of them are done",
+            r.in_flight, r.limit, r.retry_after_secs
+        )
     }
 }
 
@@ -195,6 +230,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::QuotaExceeded(r) = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
         }
         response
     }

@@ -9,11 +9,13 @@
 //!   workers absorb (an item leaves `pending` once).
 //! - **Streaming.** Items are read in chunks by keyset (`seq`), so memory does not grow
 //!   with the batch; only `pending` items are published.
-//! - **Metered and fair.** At most `split.max_in_flight_per_batch` messages of one batch
-//!   wait in the work queue at once; the splitter tops batches up round-robin as their items
-//!   finish, so a huge batch cannot bury a later one. Small batches (a single conversion,
-//!   ten Individuals) travel on the interactive lane, which workers serve with capacity of
-//!   their own, and are published first in every round.
+//! - **Metered and fair.** At most `split.max_in_flight_per_agency` bulk-lane messages of
+//!   one agency, and `split.max_in_flight_per_batch` of one batch, wait in the work queues at
+//!   once; the splitter tops them up as items finish, agencies first and then batches within
+//!   an agency ([`crate::fair`]), so a huge batch cannot bury a later one and an agency with
+//!   many batches gets no more of the workers than an agency with one. Small batches (a
+//!   single conversion, ten Individuals) travel on the interactive lane, which workers serve
+//!   with capacity of their own, and are published first in every round.
 //! - **Never stuck, never flooded.** A batch whose split finished but whose items stopped
 //!   moving for `split.stall_after_secs` (a message lost to an operator's purge, say) has
 //!   its still-pending items published again, one *generation* at a time, and only when
@@ -31,6 +33,7 @@
 //!   pending item beyond the original, plus what workers hold unacknowledged (at most
 //!   `amqp.prefetch` per worker and lane); an outage of any length adds nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +52,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::fair;
 
 /// Wakes the splitter (after a batch is accepted).
 #[derive(Clone, Default)]
@@ -87,12 +92,23 @@ pub enum SplitError {
 #[derive(Debug, Clone)]
 struct OwnedBatch {
     id: BatchId,
+    agency_id: i64,
     kind: BatchKind,
     lane: Lane,
     next_seq: i64,
     published: i64,
     presettled: i64,
     done: i64,
+    total: i64,
+    /// Bulk-lane messages in flight over all the agency's unfinished batches.
+    agency_in_flight: i64,
+}
+
+impl OwnedBatch {
+    /// Messages published and not yet decided (an estimate from the counters).
+    fn in_flight(&self) -> i64 {
+        (self.published - (self.done - self.presettled)).max(0)
+    }
 }
 
 /// The splitter of one producer.
@@ -206,45 +222,64 @@ impl Splitter {
     }
 
     /// One round over the batches this producer owns. Returns messages published and
-    /// batches still owned.
+    /// batches still owned. How much each batch may publish is [`fair::plan`]'s choice:
+    /// agencies first, then batches within an agency.
     async fn round(&self) -> Result<(usize, usize), SplitError> {
         let mut owned = self.owned().await?;
         // Interactive batches first, then oldest first.
         owned.sort_by_key(|b| (b.lane != Lane::Interactive, b.id));
         self.metrics.split_owned.set(owned.len() as i64);
+        let candidates: Vec<fair::Candidate> = owned
+            .iter()
+            .map(|b| fair::Candidate {
+                agency_id: b.agency_id,
+                lane: b.lane,
+                in_flight: b.in_flight(),
+                unpublished: (b.total - b.next_seq + 1).max(0),
+            })
+            .collect();
+        let agency_in_flight: HashMap<i64, i64> = owned
+            .iter()
+            .map(|b| (b.agency_id, b.agency_in_flight))
+            .collect();
+        let rooms = fair::plan(&candidates, &agency_in_flight, self.windows());
         let mut published = 0;
         let mut still_owned = 0;
-        for batch in owned {
-            let room = self.room(&batch);
+        for (batch, room) in owned.iter().zip(rooms) {
             still_owned += 1;
             if room == 0 {
                 continue;
             }
-            published += self.publish_chunk(&batch, room).await?;
+            published += self.publish_chunk(batch, room).await?;
         }
         Ok((published, still_owned))
     }
 
-    /// How many messages of `batch` may be published now.
-    fn room(&self, batch: &OwnedBatch) -> i64 {
-        let chunk = i64::try_from(self.cfg.chunk_size).unwrap_or(i64::MAX);
-        if self.cfg.max_in_flight_per_batch == 0 {
-            return chunk;
+    fn windows(&self) -> fair::Windows {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        fair::Windows {
+            chunk: i64::try_from(self.cfg.chunk_size).unwrap_or(i64::MAX),
+            per_batch: as_i64(self.cfg.max_in_flight_per_batch),
+            per_agency: as_i64(self.cfg.max_in_flight_per_agency),
         }
-        let window = i64::try_from(self.cfg.max_in_flight_per_batch).unwrap_or(i64::MAX);
-        let in_flight = (batch.published - (batch.done - batch.presettled)).max(0);
-        (window - in_flight).clamp(0, chunk)
     }
 
     async fn owned(&self) -> Result<Vec<OwnedBatch>, DbErr> {
         let rows = self
             .db
             .query_all_raw(stmt(
-                "SELECT id, kind, lane, split_next_seq, split_published, n_presettled,
-                        n_created + n_converted + n_skipped + n_failed AS n_done, total
-                   FROM bulk_batches
-                  WHERE split_done_at IS NULL AND split_owner = $1
-                  ORDER BY id",
+                "SELECT b.id, b.agency_id, b.kind, b.lane, b.split_next_seq, b.split_published,
+                        b.n_presettled, b.n_created + b.n_converted + b.n_skipped + b.n_failed AS n_done,
+                        b.total, a.in_flight AS agency_in_flight
+                   FROM bulk_batches b
+                  CROSS JOIN LATERAL (
+                    SELECT COALESCE(sum(GREATEST(o.split_published
+                             - (o.n_created + o.n_converted + o.n_skipped + o.n_failed - o.n_presettled), 0)), 0)::bigint AS in_flight
+                      FROM bulk_batches o
+                     WHERE o.agency_id = b.agency_id AND o.completed_at IS NULL AND o.lane = 'bulk'
+                  ) a
+                  WHERE b.split_done_at IS NULL AND b.split_owner = $1
+                  ORDER BY b.id",
                 [self.owner.into()],
             ))
             .await?;
@@ -258,12 +293,15 @@ impl Splitter {
             backlog += (total - next_seq + 1).max(0);
             out.push(OwnedBatch {
                 id: BatchId(r.try_get("", "id")?),
+                agency_id: r.try_get("", "agency_id")?,
                 kind: BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
                 lane: Lane::parse(&lane).unwrap_or(Lane::Bulk),
                 next_seq,
                 published: r.try_get("", "split_published")?,
                 presettled: r.try_get("", "n_presettled")?,
                 done: r.try_get("", "n_done")?,
+                total,
+                agency_in_flight: r.try_get("", "agency_in_flight")?,
             });
         }
         self.metrics.split_backlog.set(backlog);

@@ -49,6 +49,10 @@ pub struct Settings {
     pub split: SplitSettings,
     /// The transactional outbox relay.
     pub outbox: OutboxSettings,
+    /// Per-agency limits on what is accepted.
+    pub limits: LimitsSettings,
+    /// How long finished work is kept, and the pruner that removes it.
+    pub retention: RetentionSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -232,8 +236,12 @@ pub struct SplitSettings {
     /// Items read and published per round.
     pub chunk_size: usize,
     /// Most messages of one batch waiting in the work queue at once; the splitter tops up
-    /// as items finish, round-robin across batches (0: no limit).
+    /// as items finish (0: no limit).
     pub max_in_flight_per_batch: u64,
+    /// Most bulk-lane messages of one agency waiting in the work queues at once, shared by
+    /// its batches: every agency with work gets the same share of the workers, however many
+    /// batches it runs (0: no per-agency limit, batches share alone).
+    pub max_in_flight_per_agency: u64,
     /// Batches of at most this many items go to the interactive lane.
     pub interactive_max_items: u64,
     /// How long a producer's claim on splitting a batch lasts without renewal, in seconds;
@@ -255,6 +263,39 @@ pub struct OutboxSettings {
     pub batch_size: u64,
     /// Pause between rounds when the outbox is empty, in milliseconds.
     pub poll_interval_ms: u64,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitsSettings {
+    /// Most undecided (pending) items an agency may have across its batches; a bulk create
+    /// or conversion that would take it over this is answered 429 (0: no limit). A
+    /// single-record conversion is never refused (it still counts).
+    pub max_active_items_per_agency: u64,
+}
+
+/// `[retention]`. A value of 0 days keeps that kind of row for ever.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Whether this process takes part in pruning (one process at a time prunes, under a
+    /// lease).
+    pub enabled: bool,
+    /// Days a completed batch's items are kept after it completed; the batch itself (its
+    /// counts, who asked, the filter, timestamps) is kept for ever.
+    pub items_days: u64,
+    /// Days an `Idempotency-Key` (and the answer it replays) is kept.
+    pub idempotency_keys_days: u64,
+    /// Days a conversion's log row (which Individual a deleted Sales Record became) is kept.
+    pub conversion_log_days: u64,
+    /// Days an outbox row that could not be relayed is kept before it is dropped (with a
+    /// warning and a metric).
+    pub outbox_days: u64,
+    /// Seconds between pruning passes.
+    pub interval_secs: u64,
+    /// Rows deleted per statement (each its own short transaction).
+    pub delete_chunk: u64,
+    /// Pause between two deletes, in milliseconds, so that workers and the API never stall.
+    pub pause_ms: u64,
 }
 
 /// `[log]`
@@ -328,6 +369,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("worker.lock_bypass_after_ms", "10000"),
     ("split.chunk_size", "2000"),
     ("split.max_in_flight_per_batch", "20000"),
+    ("split.max_in_flight_per_agency", "20000"),
     ("split.interactive_max_items", "100"),
     ("split.lease_secs", "10"),
     ("split.poll_interval_ms", "500"),
@@ -335,6 +377,15 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("outbox.enabled", "true"),
     ("outbox.batch_size", "50"),
     ("outbox.poll_interval_ms", "50"),
+    ("limits.max_active_items_per_agency", "1000000"),
+    ("retention.enabled", "true"),
+    ("retention.items_days", "90"),
+    ("retention.idempotency_keys_days", "7"),
+    ("retention.conversion_log_days", "3650"),
+    ("retention.outbox_days", "30"),
+    ("retention.interval_secs", "300"),
+    ("retention.delete_chunk", "5000"),
+    ("retention.pause_ms", "20"),
     ("log.level", "info"),
     ("log.format", "text"),
 ];
@@ -526,6 +577,13 @@ impl Settings {
         positive(self.split.lease_secs, "split.lease_secs")?;
         positive(self.split.poll_interval_ms, "split.poll_interval_ms")?;
         positive(self.split.stall_after_secs, "split.stall_after_secs")?;
+        positive(self.retention.interval_secs, "retention.interval_secs")?;
+        positive(self.retention.delete_chunk, "retention.delete_chunk")?;
+        if self.retention.delete_chunk > 100_000 {
+            return Err(ConfigError::new(
+                "retention.delete_chunk must be at most 100000 (small deletes keep locks short)",
+            ));
+        }
         positive(self.outbox.batch_size, "outbox.batch_size")?;
         positive(self.outbox.poll_interval_ms, "outbox.poll_interval_ms")?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -685,6 +743,29 @@ mod tests {
         assert!(s.auth.jwt_secret.is_none());
         assert_eq!(s.http.bind, "127.0.0.1:8080");
         assert_eq!(s.metrics.bind, "127.0.0.1:9090");
+        assert_eq!(s.limits.max_active_items_per_agency, 1_000_000);
+        assert_eq!(s.retention.items_days, 90);
+        assert_eq!(s.retention.idempotency_keys_days, 7);
+        assert_eq!(s.retention.conversion_log_days, 3650);
+        assert_eq!(s.retention.outbox_days, 30);
+        assert_eq!(s.split.max_in_flight_per_agency, 20_000);
+    }
+
+    #[test]
+    fn quota_and_retention_come_from_the_environment() {
+        let s = Settings::load_from(&env(&[
+            ("BULKOPS__LIMITS__MAX_ACTIVE_ITEMS_PER_AGENCY", "500"),
+            ("BULKOPS__RETENTION__ITEMS_DAYS", "0"),
+            ("BULKOPS__RETENTION__ENABLED", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(s.limits.max_active_items_per_agency, 500);
+        assert_eq!(s.retention.items_days, 0);
+        assert!(!s.retention.enabled);
+        let err = Settings::load_from(&env(&[("BULKOPS__RETENTION__DELETE_CHUNK", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.delete_chunk"), "{err}");
     }
 
     #[test]

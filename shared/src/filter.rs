@@ -175,13 +175,50 @@ pub struct PolicyCriteria {
 #[serde(deny_unknown_fields)]
 pub struct DateRange {
     /// First day included.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict_date",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = Date)]
     pub from: Option<NaiveDate>,
     /// Last day included.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict_date",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = Date)]
     pub to: Option<NaiveDate>,
+}
+
+/// The message of a date that is not `YYYY-MM-DD` (mapped to the field error's text).
+const DATE_ERROR: &str = "not a YYYY-MM-DD date";
+
+/// A date exactly as RFC 3339's `full-date` (OpenAPI's `format: date`) writes it: four
+/// digits, two, two, and a day that exists. chrono alone would also take `2026-1-5` or
+/// `+12026-01-05`, which the document does not describe.
+pub fn parse_date(s: &str) -> Option<NaiveDate> {
+    let b = s.as_bytes();
+    let shape = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape {
+        return None;
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
+}
+
+fn strict_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NaiveDate>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => parse_date(&s)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(DATE_ERROR)),
+    }
 }
 
 impl DateRange {
@@ -265,7 +302,8 @@ pub fn field_error_from_serde(
         }
         field.push_str(name);
         "is required".to_owned()
-    } else if msg.contains("input contains invalid characters")
+    } else if msg == DATE_ERROR
+        || msg.contains("input contains invalid characters")
         || msg.contains("premature end of input")
         || msg.contains("input is out of range")
         || msg.contains("trailing input")
@@ -469,6 +507,88 @@ fn date_range(conds: &mut Vec<String>, params: &mut Vec<Value>, column: &str, ra
     }
 }
 
+/// The exact JSON Schemas (OpenAPI 3.1 components) of the filter: what [`SearchFilter::parse`]
+/// accepts, stated in full, so that clients generated from the document build only
+/// requests the API takes. Keys: `SearchFilter`, `IndividualCriteria`, `PolicyCriteria`,
+/// `DateRange`. One rule is beyond JSON Schema and stated in words: a range's `from` must
+/// not be after its `to`.
+pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    let nullable_ref = |name: &str, description: &str| {
+        json!({
+            "description": description,
+            "oneOf": [{"$ref": format!("#/components/schemas/{name}")}, {"type": "null"}],
+        })
+    };
+    let text_list = |description: &str| {
+        json!({
+            "description": format!("{description} Exact match, any of them; an empty list or null means no condition."),
+            "type": ["array", "null"],
+            "maxItems": MAX_LIST_LEN,
+            "items": {"type": "string", "maxLength": MAX_VALUE_LEN, "pattern": "^[^\\u0000]*$"},
+        })
+    };
+    let range = |description: &str| nullable_ref("DateRange", description);
+    let individual = json!({
+        "description": "Conditions on the Individual itself, AND-ed.",
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "status": text_list("Statuses."),
+            "state": text_list("States."),
+            "county": text_list("Counties."),
+            "zip": text_list("ZIP codes."),
+            "city": text_list("Cities."),
+            "gender": text_list("Genders."),
+            "lead_source": text_list("Lead sources."),
+            "smoker_status": text_list("Smoker statuses."),
+            "servicing_agent_id": {
+                "description": "Servicing agents, any of them; an empty list or null means no condition.",
+                "type": ["array", "null"],
+                "maxItems": MAX_LIST_LEN,
+                "items": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX},
+            },
+            "dob": range("Date of birth within this range."),
+            "created_at": range("Created on a day (UTC) within this range."),
+        },
+    });
+    let policy = json!({
+        "description": "Conditions one of the Individual's policies must satisfy together, AND-ed.",
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "coverage_type": text_list("Coverage types."),
+            "status": text_list("Policy statuses."),
+            "carrier": text_list("Carriers."),
+            "carrier_product": text_list("Carrier products."),
+            "effective_date": range("Effective date within this range."),
+            "renewal_date": range("Renewal date within this range."),
+        },
+    });
+    let end = |description: &str| json!({"description": description, "type": ["string", "null"], "format": "date"});
+    let date_range = json!({
+        "description": "An inclusive range of dates (YYYY-MM-DD), either end optional or null; from must not be after to (a 400 otherwise).",
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {"from": end("First day included."), "to": end("Last day included.")},
+    });
+    let filter = json!({
+        "description": "A search filter over Individuals and their policies. Every key is optional; {} matches every Individual of the agency.",
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "individual": nullable_ref("IndividualCriteria", "Conditions on the Individual itself."),
+            "policy": nullable_ref("PolicyCriteria", "Conditions that one of the Individual's policies must satisfy together."),
+        },
+    });
+    vec![
+        ("SearchFilter", filter),
+        ("IndividualCriteria", individual),
+        ("PolicyCriteria", policy),
+        ("DateRange", date_range),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,6 +724,91 @@ mod tests {
         let long = "x".repeat(MAX_VALUE_LEN + 1);
         let errs = parse(json!({"policy": {"carrier": [long]}})).unwrap_err();
         assert_eq!(errs[0].field, "filter.policy.carrier");
+    }
+
+    #[test]
+    fn dates_are_exactly_yyyy_mm_dd() {
+        assert!(parse_date("2026-01-05").is_some());
+        assert!(parse_date("0000-01-01").is_some());
+        for bad in [
+            "2026-1-5",
+            "+12026-01-05",
+            "2026-02-30",
+            "2026-01-05T00:00:00Z",
+            " 2026-01-05",
+            "20260105",
+        ] {
+            assert!(parse_date(bad).is_none(), "{bad}");
+            let errs = parse(json!({"individual": {"dob": {"to": bad}}})).unwrap_err();
+            assert_eq!(errs[0].field, "filter.individual.dob.to");
+            assert!(errs[0].message.contains("YYYY-MM-DD"), "{bad}");
+        }
+        let errs = parse(json!({"individual": {"dob": {"to": 20260105}}})).unwrap_err();
+        assert!(errs[0].message.contains("wrong type"));
+        assert_eq!(
+            parse(json!({"individual": {"dob": {"from": null, "to": null}}, "policy": {"renewal_date": null}}))
+                .unwrap(),
+            SearchFilter::default()
+        );
+    }
+
+    #[test]
+    fn the_documented_schema_names_exactly_the_keys_the_parser_knows() {
+        let d = || Some(NaiveDate::from_ymd_opt(2026, 1, 1).unwrap());
+        let range = DateRange { from: d(), to: d() };
+        let one = || vec!["x".to_owned()];
+        let full = SearchFilter {
+            individual: IndividualCriteria {
+                status: one(),
+                state: one(),
+                county: one(),
+                zip: one(),
+                city: one(),
+                gender: one(),
+                lead_source: one(),
+                smoker_status: one(),
+                servicing_agent_id: vec![1],
+                dob: range,
+                created_at: range,
+            },
+            policy: PolicyCriteria {
+                coverage_type: one(),
+                status: one(),
+                carrier: one(),
+                carrier_product: one(),
+                effective_date: range,
+                renewal_date: range,
+            },
+        };
+        let v = serde_json::to_value(&full).unwrap();
+        let schemas: std::collections::HashMap<_, _> = json_schemas().into_iter().collect();
+        let keys = |o: &serde_json::Value| {
+            let mut k: Vec<String> = o.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&v), keys(&schemas["SearchFilter"]["properties"]));
+        assert_eq!(
+            keys(&v["individual"]),
+            keys(&schemas["IndividualCriteria"]["properties"])
+        );
+        assert_eq!(
+            keys(&v["policy"]),
+            keys(&schemas["PolicyCriteria"]["properties"])
+        );
+        assert_eq!(
+            keys(&v["individual"]["dob"]),
+            keys(&schemas["DateRange"]["properties"])
+        );
+        for (name, s) in &schemas {
+            assert_eq!(s["additionalProperties"], false, "{name}");
+        }
+        // The limits are the parser's.
+        let zip = &schemas["IndividualCriteria"]["properties"]["zip"];
+        assert_eq!(zip["maxItems"], MAX_LIST_LEN);
+        assert_eq!(zip["items"]["maxLength"], MAX_VALUE_LEN);
+        // Null is accepted wherever the schema says so.
+        assert!(parse(json!({"individual": null, "policy": {"carrier": null}})).is_ok());
     }
 
     fn arb_json() -> impl Strategy<Value = serde_json::Value> {

@@ -178,6 +178,8 @@ pub struct ProducerMetrics {
     pub accept_duration: HistogramVec,
     /// `bulkops_items_settled_on_accept_total{kind,outcome}`
     pub items_settled_on_accept: IntCounterVec,
+    /// `bulkops_quota_refusals_total{kind}`
+    pub quota_refusals: IntCounterVec,
     /// `bulkops_split_published_total{kind,lane}`
     pub split_published: IntCounterVec,
     /// `bulkops_split_errors_total`
@@ -202,6 +204,12 @@ pub struct ProducerMetrics {
     pub queue_messages: IntGaugeVec,
     /// `bulkops_queue_consumers{queue}`
     pub queue_consumers: IntGaugeVec,
+    /// `bulkops_retention_pruned_rows_total{table}`
+    pub retention_pruned_rows: IntCounterVec,
+    /// `bulkops_retention_batches_pruned_total`
+    pub retention_batches_pruned: IntCounter,
+    /// `bulkops_retention_errors_total`
+    pub retention_errors: IntCounter,
     /// `bulkops_outbox_backlog_events`
     pub outbox_backlog: IntGauge,
     /// `bulkops_outbox_oldest_age_seconds`
@@ -252,6 +260,12 @@ impl ProducerMetrics {
                 "bulkops_items_settled_on_accept_total",
                 "Items given their outcome by the accepting transaction itself (no message), by kind and outcome.",
                 &["kind", "outcome"],
+            )?,
+            quota_refusals: counter_vec(
+                &r,
+                "bulkops_quota_refusals_total",
+                "Bulk requests refused (429) because the agency's items in flight would exceed limits.max_active_items_per_agency, by kind.",
+                &["kind"],
             )?,
             split_published: counter_vec(
                 &r,
@@ -321,6 +335,22 @@ impl ProducerMetrics {
                 "bulkops_queue_consumers",
                 "Consumers attached to a bulkops queue.",
                 &["queue"],
+            )?,
+            retention_pruned_rows: counter_vec(
+                &r,
+                "bulkops_retention_pruned_rows_total",
+                "Rows deleted by the retention pruner, by table (bulk_items, idempotency_keys, conversion_log, outbox).",
+                &["table"],
+            )?,
+            retention_batches_pruned: counter(
+                &r,
+                "bulkops_retention_batches_pruned_total",
+                "Completed batches whose items the retention pruner took away (the batch and its counts remain).",
+            )?,
+            retention_errors: counter(
+                &r,
+                "bulkops_retention_errors_total",
+                "Retention passes that failed (database) and were retried at the next pass.",
             )?,
             outbox_backlog: int_gauge(
                 &r,

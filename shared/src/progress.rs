@@ -6,7 +6,8 @@
 //! equal the items' outcomes, and exactly one transaction sees the batch's done count reach
 //! its total: that one marks the batch completed and writes `bulk_batch.completed` to the
 //! outbox. The batch row is updated last in each transaction, so its row lock is held only
-//! for the commit.
+//! for the commit. A batch with no items at all never records an outcome; the accepting
+//! transaction completes it with [`complete_empty`].
 
 use sea_orm::{ConnectionTrait, DbErr};
 
@@ -112,6 +113,41 @@ pub async fn record_outcomes(
             ],
         ))
         .await?;
+    let completed: i64 = match row {
+        Some(r) => r.try_get("", "completed")?,
+        None => 0,
+    };
+    Ok(completed > 0)
+}
+
+/// Completes a batch that was accepted with no items at all (a search that found nobody):
+/// marks it completed with `completed_at` and writes its `bulk_batch.completed` event
+/// (total 0, every count 0), in the caller's transaction. [`record_outcomes`] cannot do it,
+/// as no outcome is ever recorded for such a batch. Returns whether this call completed it
+/// (false when the batch has items or is already completed).
+///
+/// # Errors
+/// Database errors.
+pub async fn complete_empty(tx: &impl ConnectionTrait, batch_id: BatchId) -> Result<bool, DbErr> {
+    let sql = format!(
+        "WITH b AS (
+           UPDATE bulk_batches
+              SET state = 'completed', completed_at = clock_timestamp(), progress_at = clock_timestamp()
+            WHERE id = $1 AND total = 0 AND completed_at IS NULL
+        RETURNING *
+         ), ev AS (
+           INSERT INTO outbox (routing_key, events)
+           SELECT 'bulk_batch.completed',
+                  jsonb_build_array(jsonb_build_object(
+                      'event_id', gen_random_uuid(), {occurred}, 'agency_id', b.agency_id, 'batch_id', b.id,
+                      'kind', b.kind, 'total', b.total, 'counts', {COUNTS_JSON_SQL}))
+             FROM b
+        RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM ev) AS completed",
+        occurred = crate::outbox::OCCURRED_AT_SQL
+    );
+    let row = tx.query_one_raw(stmt(sql, [batch_id.into()])).await?;
     let completed: i64 = match row {
         Some(r) => r.try_get("", "completed")?,
         None => 0,

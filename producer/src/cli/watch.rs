@@ -1,5 +1,5 @@
 //! Looking at batches from the command line: list, show, watch (a live progress bar with
-//! rate and ETA), items.
+//! rate and ETA over a sliding window), items.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -14,8 +14,7 @@ use super::out;
 use crate::routes::batches::{BatchView, batch_from_row};
 use crate::routes::search::csv_line;
 
-const COLUMNS: &str = "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
-     requested_by, record_type_id, filter, created_at, completed_at";
+use crate::routes::batches::BATCH_COLUMNS as COLUMNS;
 
 async fn load(db: &DatabaseConnection, id: i64) -> anyhow::Result<BatchView> {
     let row = db
@@ -72,6 +71,83 @@ pub async fn show(db: &DatabaseConnection, id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rate and ETA over a sliding window of progress samples, so that the first tick (which
+/// may find thousands of items already decided a millisecond after the watch began) and a
+/// stall both show what is happening now rather than an average since the start.
+#[derive(Debug, Clone)]
+pub struct RateWindow {
+    window: Duration,
+    min_span: Duration,
+    samples: std::collections::VecDeque<(Duration, u64)>,
+}
+
+impl RateWindow {
+    /// A window of `window`; no rate is given until the samples span at least `min_span`.
+    pub fn new(window: Duration, min_span: Duration) -> Self {
+        Self {
+            window,
+            min_span,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records `done` items decided at `at` (time since the watch began, non-decreasing).
+    pub fn record(&mut self, at: Duration, done: u64) {
+        self.samples.push_back((at, done));
+        // Keep the newest sample older than the window as the base, so the rate always
+        // covers about `window`.
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|(t, _)| at.saturating_sub(*t) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Items per second over the window, or `None` until it spans `min_span`.
+    pub fn rate(&self) -> Option<f64> {
+        let (t0, d0) = *self.samples.front()?;
+        let (t1, d1) = *self.samples.back()?;
+        let span = t1.saturating_sub(t0);
+        if span < self.min_span || span.is_zero() {
+            return None;
+        }
+        Some(d1.saturating_sub(d0) as f64 / span.as_secs_f64())
+    }
+
+    /// Time until `remaining` more items are decided at the window's rate; `None` while the
+    /// rate is unknown or zero.
+    pub fn eta(&self, remaining: u64) -> Option<Duration> {
+        let rate = self.rate()?;
+        if remaining == 0 {
+            return Some(Duration::ZERO);
+        }
+        if rate <= 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(remaining as f64 / rate).ok()
+    }
+
+    /// `"1234/s ETA 56s"`, or `"…/s ETA ?"` while unknown.
+    pub fn describe(&self, remaining: u64) -> String {
+        let rate = self
+            .rate()
+            .map_or_else(|| "…".to_owned(), |r| format!("{r:.0}"));
+        let eta = self
+            .eta(remaining)
+            .map_or_else(|| "?".to_owned(), |d| format!("{}s", d.as_secs()));
+        format!("{rate}/s ETA {eta}")
+    }
+}
+
+/// The progress line's window: long enough to smooth chunk-sized steps, short enough to
+/// follow a change of pace.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// No rate is shown from samples closer together than this.
+const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
+
 /// `bulkops batch watch`: follows the batch until it completes.
 ///
 /// # Errors
@@ -84,7 +160,7 @@ pub async fn watch(db: &DatabaseConnection, id: i64) -> anyhow::Result<()> {
         let bar = ProgressBar::new(total);
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} batch {prefix} [{elapsed_precise}] [{wide_bar}] {pos}/{len} {per_sec} ETA {eta}",
+                "{spinner} batch {prefix} [{elapsed_precise}] [{wide_bar}] {pos}/{len} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
@@ -95,30 +171,28 @@ pub async fn watch(db: &DatabaseConnection, id: i64) -> anyhow::Result<()> {
         None
     };
     let started = Instant::now();
+    let mut window = RateWindow::new(RATE_WINDOW, RATE_MIN_SPAN);
     let mut last_line = Instant::now()
         .checked_sub(Duration::from_secs(10))
         .unwrap_or_else(Instant::now);
     loop {
         let b = load(db, id).await?;
         let done = u64::try_from(b.total - b.counts.pending).unwrap_or(0);
+        window.record(started.elapsed(), done);
+        let remaining = total.saturating_sub(done);
         if let Some(bar) = &bar {
             bar.set_position(done);
+            bar.set_message(window.describe(remaining));
         } else if last_line.elapsed() >= Duration::from_secs(2) || b.state == BatchState::Completed
         {
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            let rate = done as f64 / secs;
-            let eta = if rate > 0.0 {
-                format!("{:.0}s", (total.saturating_sub(done)) as f64 / rate)
-            } else {
-                "?".into()
-            };
             out(&format!(
-                "batch {id}: {done}/{total} ({:.0}%) {rate:.0}/s ETA {eta}",
+                "batch {id}: {done}/{total} ({:.0}%) {}",
                 if total == 0 {
                     100.0
                 } else {
                     done as f64 * 100.0 / total as f64
-                }
+                },
+                window.describe(remaining)
             ));
             last_line = Instant::now();
         }
@@ -151,7 +225,12 @@ pub async fn items(
     status: Option<String>,
     csv: bool,
 ) -> anyhow::Result<()> {
-    load(db, id).await?;
+    if let Some(at) = load(db, id).await?.items_pruned_at {
+        anyhow::bail!(
+            "the items of batch {id} were pruned on {} under the retention policy (retention.items_days); `bulkops batch show {id}` still has its counts",
+            at.format("%Y-%m-%d")
+        );
+    }
     let mut params: Vec<Value> = vec![id.into()];
     let mut sql =
         "SELECT seq, target_id, status, result_id, reason FROM bulk_items WHERE batch_id = $1"
@@ -188,4 +267,59 @@ pub async fn items(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn the_first_tick_has_no_rate_however_much_is_done() {
+        let mut w = RateWindow::new(RATE_WINDOW, RATE_MIN_SPAN);
+        // 504 items already decided when the watch began, seen a millisecond later.
+        w.record(secs(0.001), 504);
+        assert_eq!(w.rate(), None);
+        assert_eq!(w.describe(1000), "…/s ETA ?");
+        w.record(secs(0.25), 510);
+        assert_eq!(w.rate(), None, "a quarter second is too short to tell");
+        w.record(secs(1.001), 604);
+        assert_eq!(w.rate(), Some(100.0));
+        assert_eq!(w.eta(400), Some(Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn the_rate_follows_the_last_window_not_the_average() {
+        let mut w = RateWindow::new(Duration::from_secs(10), RATE_MIN_SPAN);
+        // 1,000/s for 30 s, then 100/s for 20 s.
+        let mut done = 0;
+        for t in 0..=30 {
+            w.record(secs(f64::from(t)), done);
+            done += 1000;
+        }
+        done -= 1000;
+        for t in 31..=50 {
+            done += 100;
+            w.record(secs(f64::from(t)), done);
+        }
+        let rate = w.rate().unwrap();
+        assert!((rate - 100.0).abs() < 1e-9, "{rate}");
+        assert_eq!(w.eta(1000), Some(Duration::from_secs(10)));
+        assert!(w.samples.len() <= 12, "old samples are dropped");
+    }
+
+    #[test]
+    fn a_stall_shows_zero_and_no_eta() {
+        let mut w = RateWindow::new(Duration::from_secs(10), RATE_MIN_SPAN);
+        for t in 0..20 {
+            w.record(secs(f64::from(t)), 5000);
+        }
+        assert_eq!(w.rate(), Some(0.0));
+        assert_eq!(w.eta(10), None);
+        assert_eq!(w.eta(0), Some(Duration::ZERO));
+        assert_eq!(w.describe(10), "0/s ETA ?");
+    }
 }

@@ -60,6 +60,10 @@ pub struct BatchView {
     pub created_at: DateTime<Utc>,
     /// When its last item got its outcome.
     pub completed_at: Option<DateTime<Utc>>,
+    /// When its items were pruned under the retention policy (`retention.items_days`); from
+    /// then on `items` and `items.csv` answer 410 and only the counts remain. Null while the
+    /// items are kept.
+    pub items_pruned_at: Option<DateTime<Utc>>,
 }
 
 /// A page of batches.
@@ -128,8 +132,10 @@ pub struct ItemQuery {
     pub limit: Option<i64>,
 }
 
-const BATCH_COLUMNS: &str = "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
-     requested_by, record_type_id, filter, created_at, completed_at";
+/// The columns [`batch_from_row`] reads.
+pub const BATCH_COLUMNS: &str =
+    "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
+     requested_by, record_type_id, filter, created_at, completed_at, items_pruned_at";
 
 /// Reads a batch row.
 ///
@@ -162,7 +168,21 @@ pub fn batch_from_row(r: &QueryResult) -> Result<BatchView, sea_orm::DbErr> {
         filter: r.try_get("", "filter")?,
         created_at: r.try_get("", "created_at")?,
         completed_at: r.try_get("", "completed_at")?,
+        items_pruned_at: r.try_get("", "items_pruned_at")?,
     })
+}
+
+/// The 410 for a batch whose items were pruned.
+fn items_kept(batch: &BatchView) -> Result<(), ApiError> {
+    match batch.items_pruned_at {
+        None => Ok(()),
+        Some(at) => Err(ApiError::Gone(format!(
+            "the items of batch {} were pruned on {} under the retention policy; the batch and its counts remain at /v1/batches/{}",
+            batch.id,
+            at.format("%Y-%m-%d"),
+            batch.id
+        ))),
+    }
 }
 
 fn item_from_row(r: &QueryResult) -> Result<ItemView, sea_orm::DbErr> {
@@ -307,6 +327,7 @@ fn status_of(raw: Option<String>) -> Result<Option<ItemStatus>, ApiError> {
         (status = 400, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such batch in the agency", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The batch's items were pruned (retention); the batch remains", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -319,7 +340,7 @@ pub async fn items(
     let id = batch_id_of(&id)?;
     let limit = limit_of(q.limit, 100)?;
     let status = status_of(q.status)?;
-    load_batch(&state, &caller, id).await?;
+    items_kept(&load_batch(&state, &caller, id).await?)?;
     let mut params: Vec<Value> = vec![id.into(), q.after.unwrap_or(0).into(), (limit + 1).into()];
     let mut sql = "SELECT seq, target_id, status, result_id, reason FROM bulk_items
                     WHERE batch_id = $1 AND seq > $2"
@@ -347,6 +368,7 @@ pub async fn items(
         (status = 400, description = "The id is not an integer", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such batch in the agency", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The batch's items were pruned (retention); the batch remains", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -356,7 +378,7 @@ pub async fn items_csv(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = batch_id_of(&id)?;
-    load_batch(&state, &caller, id).await?;
+    items_kept(&load_batch(&state, &caller, id).await?)?;
     let Some(export) = Export::start(&state) else {
         return Ok(exports_busy());
     };

@@ -9,7 +9,7 @@ use sea_orm::{ConnectionTrait, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::accept::{Acceptance, AcceptedBatch, IdempotencyKey, Targets, accept};
+use crate::accept::{AcceptConfig, Acceptance, AcceptedBatch, IdempotencyKey, Targets, accept};
 use crate::auth::{Caller, require};
 use crate::extract::ApiJson;
 use crate::problem::{ApiError, Problem};
@@ -148,16 +148,31 @@ async fn accept_and_split(
         Targets::Search { .. } => bulkops_shared::batch::BatchKind::CreateSalesRecords,
         Targets::Conversion { .. } => bulkops_shared::batch::BatchKind::ConvertSalesRecords,
     };
-    let outcome = accept(
-        &state.db,
-        caller,
-        &targets,
-        key.as_ref(),
-        state.settings.split.interactive_max_items,
-        state.split_owner,
-        state.settings.split.lease_secs,
-    )
-    .await?;
+    let cfg = AcceptConfig {
+        interactive_max_items: state.settings.split.interactive_max_items,
+        split_owner: state.split_owner,
+        lease_secs: state.settings.split.lease_secs,
+        max_active_items_per_agency: state.settings.limits.max_active_items_per_agency,
+    };
+    let outcome = match accept(&state.db, caller, &targets, key.as_ref(), cfg).await {
+        Err(ApiError::QuotaExceeded(refusal)) => {
+            state
+                .metrics
+                .quota_refusals
+                .with_label_values(&[kind.label()])
+                .inc();
+            tracing::info!(
+                agency_id = caller.agency_id.0,
+                kind = kind.label(),
+                in_flight = refusal.in_flight,
+                requested = refusal.requested,
+                limit = refusal.limit,
+                "request refused: the agency's quota of items in flight is full"
+            );
+            return Err(ApiError::QuotaExceeded(refusal));
+        }
+        other => other?,
+    };
     match outcome {
         Acceptance::New {
             batch,
@@ -248,6 +263,8 @@ pub async fn preview(
         (status = 403, description = "The user may not bulk create", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expected_total differs from what the search finds now", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Idempotency-Key reused for another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The agency's undecided items would exceed limits.max_active_items_per_agency; nothing was frozen", body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
@@ -288,6 +305,8 @@ pub async fn create(
         (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The user may not convert", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Enhanced Records agency, or Idempotency-Key reused for another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The agency's undecided items would exceed limits.max_active_items_per_agency; nothing was frozen", body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]

@@ -51,5 +51,5 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3 document", body = serde_json::Value)))]
 pub async fn openapi() -> Response {
-    axum::Json(crate::openapi::document()).into_response()
+    axum::Json(crate::openapi::document_json()).into_response()
 }

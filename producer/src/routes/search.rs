@@ -343,13 +343,15 @@ pub fn exports_busy() -> Response {
     response
 }
 
-/// One CSV record (RFC 4180 quoting), newline-terminated.
+/// One CSV record (RFC 4180 quoting), newline-terminated, every cell spreadsheet-safe
+/// ([`crate::csv_safe::cell`]). Every CSV bulkops writes goes through here.
 pub fn csv_line(fields: &[&str]) -> bytes::Bytes {
     let mut w = csv::WriterBuilder::new()
         .has_headers(false)
         .from_writer(Vec::new());
     // Writing to a Vec cannot fail.
-    let _ = w.write_record(fields);
+    let cells: Vec<_> = fields.iter().map(|f| crate::csv_safe::cell(f)).collect();
+    let _ = w.write_record(cells.iter().map(|c| c.as_bytes()));
     bytes::Bytes::from(w.into_inner().unwrap_or_default())
 }
 

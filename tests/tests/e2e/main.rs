@@ -13,6 +13,8 @@ mod interleave;
 mod openapi;
 mod ops;
 mod privacy;
+mod quota;
+mod retention;
 
 use bulkops_tests::TestEnv;
 
