@@ -1,9 +1,10 @@
 //! The database schema of bulkops, as sea-orm migrations.
 //!
-//! Two migrations: the CRM's tables of CONTRACT §1 (all of them, so the schema does not
-//! churn as features land) with the indexes bulkops' queries need, and bulkops' own tables
-//! (batches, items, outbox, idempotency keys, conversion log). Each is plain SQL kept
-//! beside this file, applied in one transaction.
+//! The CRM's tables of CONTRACT §1 (all of them, so the schema does not churn as features
+//! land) with the indexes bulkops' queries need; bulkops' own tables (batches, items,
+//! outbox, idempotency keys, conversion log); and what the operator console reads (worker
+//! heartbeats, throughput samples). Each is plain SQL kept beside this file, applied in one
+//! transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
 //! concurrent runs with an advisory lock, so any number of deploy hooks or test harnesses
@@ -26,6 +27,10 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261122_000002_bulkops_schema",
                 up: include_str!("bulkops_schema.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261202_000003_console",
+                up: include_str!("console_schema.sql"),
             }),
         ]
     }

@@ -11,6 +11,7 @@
 //! - [`outcomes`]: recording a chunk's item outcomes in one statement.
 //! - [`retry`]: failure classes, retry tiers, attempt history headers.
 //! - [`deadletter`]: records the failure of dead-lettered items.
+//! - [`heartbeat`]: readiness written to `worker_heartbeats` for the operator console.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod acks;
@@ -18,6 +19,7 @@ pub mod consumer;
 pub mod convert;
 pub mod create;
 pub mod deadletter;
+pub mod heartbeat;
 pub mod meta;
 pub mod outcomes;
 pub mod process;
@@ -118,6 +120,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(
+        heartbeat::Heartbeat {
+            id: uuid::Uuid::new_v4(),
+            db: db.clone(),
+            links: vec![consume_link.clone(), publish_link.clone()],
+            locks: locks.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown.clone(), heartbeat_stop.clone()),
+    );
     let probe = server::Probe {
         db: db.clone(),
         links: vec![consume_link.clone(), publish_link.clone()],
@@ -147,6 +160,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if let Some(t) = relay_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
+    heartbeat_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(4), heartbeat).await;
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     consume_link.close().await;
