@@ -11,6 +11,7 @@
 //! - [`monitor`]: gauges for dashboards and autoscalers.
 //! - [`openapi`]: the generated OpenAPI document.
 //! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
+//! - [`ui`]: the operator console under `/ui` (`ui.enabled`).
 
 pub mod accept;
 pub mod app;
@@ -23,5 +24,6 @@ pub mod problem;
 pub mod routes;
 pub mod split;
 pub mod state;
+pub mod ui;
 
 pub use app::{router, run, serve};
