@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 pub const PERIOD: Duration = Duration::from_secs(5);
 /// Longest a heartbeat write may take (the database may be down).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest the last word (deleting the row) may take: the worker must exit within 30 s of
+/// SIGTERM, and a row left behind only ages out.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a heartbeat reads.
 pub struct Heartbeat {
@@ -46,14 +49,19 @@ fn host_name() -> String {
 }
 
 impl Heartbeat {
-    /// Writes heartbeats until `stop`; from `draining` on they say so. Deletes the row when
-    /// stopped.
+    /// Writes heartbeats until `stop` (which also cuts a heartbeat short); from `draining`
+    /// on they say so. Deletes the row when stopped.
     pub async fn run(self, draining: CancellationToken, stop: CancellationToken) {
         let host = host_name();
         let started = chrono::Utc::now();
         loop {
-            if let Err(e) = self.beat(&host, started, draining.is_cancelled()).await {
-                tracing::debug!(error = %e, "heartbeat not written");
+            tokio::select! {
+                () = stop.cancelled() => break,
+                r = self.beat(&host, started, draining.is_cancelled()) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "heartbeat not written");
+                    }
+                }
             }
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -65,7 +73,7 @@ impl Heartbeat {
             "DELETE FROM worker_heartbeats WHERE worker_id = $1",
             [self.id.into()],
         ));
-        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, gone).await, Ok(Ok(_))) {
+        if !matches!(tokio::time::timeout(GOODBYE_TIMEOUT, gone).await, Ok(Ok(_))) {
             tracing::debug!("heartbeat row not deleted; it ages out");
         }
     }

@@ -155,13 +155,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     {
         tracing::warn!("drain deadline reached");
     }
-    // Events of the work finished during the drain leave before the relay stops.
+    // Events of the work finished during the drain leave before the relay stops; the
+    // heartbeat row is deleted meanwhile.
     relay_stop.cancel();
+    heartbeat_stop.cancel();
     if let Some(t) = relay_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    heartbeat_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(4), heartbeat).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), heartbeat).await;
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     consume_link.close().await;
