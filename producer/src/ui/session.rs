@@ -169,7 +169,7 @@ struct Expiry {
     exp: i64,
 }
 
-fn operator_validation() -> Validation {
+fn hs256_validation() -> Validation {
     let mut v = Validation::new(Algorithm::HS256);
     v.algorithms = vec![Algorithm::HS256];
     v.set_required_spec_claims(&["exp", "sub"]);
@@ -196,7 +196,7 @@ pub async fn identify(
     console: &Console,
     token: &str,
 ) -> Result<(Who, i64), Refusal> {
-    match decode::<OperatorClaims>(token, &console.operator_key, &operator_validation()) {
+    match decode::<OperatorClaims>(token, &console.operator_key, &hs256_validation()) {
         Ok(t)
             if t.claims.role.as_deref() == Some(OPERATOR_ROLE)
                 && !t.claims.sub.trim().is_empty() =>
@@ -213,7 +213,7 @@ pub async fn identify(
     }
     match caller_from_token(state, token).await {
         Ok(caller) => {
-            let exp = decode::<Expiry>(token, &state.jwt, &operator_validation())
+            let exp = decode::<Expiry>(token, &state.jwt, &hs256_validation())
                 .map(|t| t.claims.exp)
                 .map_err(|_| Refusal::Invalid("invalid or expired token"))?;
             Ok((Who::Agency(caller), exp))

@@ -57,6 +57,33 @@ async fn progress(b: &Browser) -> Option<(i64, i64, String, bool)> {
     ))
 }
 
+/// Clicks what `css` finds and waits until the page it leads to has loaded (a click returns
+/// before the navigation it starts is over).
+async fn click_navigating(b: &Browser, css: &str) {
+    b.eval("window.__leaving = true; return true;")
+        .await
+        .expect("mark the page");
+    b.client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    until(
+        &format!("the page after clicking {css}"),
+        Duration::from_secs(60),
+        || async {
+            let v = b
+                .eval("return window.__leaving !== true && document.readyState === 'complete';")
+                .await
+                .ok()?;
+            v.as_bool().filter(|loaded| *loaded)
+        },
+    )
+    .await;
+}
+
 async fn sign_in(b: &Browser, base: &str, token: &str) {
     b.client
         .goto(&format!("{base}/ui/login"))
@@ -68,13 +95,7 @@ async fn sign_in(b: &Browser, base: &str, token: &str) {
         .await
         .expect("token field");
     field.send_keys(token).await.expect("type the token");
-    b.client
-        .find(Locator::Css("#sign-in"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("sign in");
+    click_navigating(b, "#sign-in").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,13 +196,7 @@ async fn console_in_a_browser() {
         .send_keys(&operator_token("ops-e2e"))
         .await
         .expect("type");
-    b.client
-        .find(Locator::Css("#sign-in"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("sign in");
+    click_navigating(b, "#sign-in").await;
     let url = b.client.current_url().await.expect("url");
     assert!(
         url.path().ends_with(&format!("/ui/batches/{batch}")),
@@ -272,13 +287,7 @@ async fn console_in_a_browser() {
         .select_by_value("failed")
         .await
         .expect("select failed");
-    b.client
-        .find(Locator::Css("#filter"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("filter");
+    click_navigating(b, "#filter").await;
     let url = b.client.current_url().await.expect("url");
     assert!(url.as_str().contains("status=failed"), "{url}");
     let statuses = b
@@ -383,26 +392,14 @@ async fn console_in_a_browser() {
         .goto(&format!("{base}/ui/batches/{batch}"))
         .await
         .expect("batch page");
-    b.client
-        .find(Locator::Css(&format!("a.replay[data-seq='{seq}']")))
-        .await
-        .expect("replay button")
-        .click()
-        .await
-        .expect("replay");
+    click_navigating(b, &format!("a.replay[data-seq='{seq}']")).await;
     let heading = b.text("h1").await.unwrap_or_default();
     assert!(
         heading.contains(&format!("item {seq} of batch {batch}")),
         "{heading}"
     );
     b.screenshot("06-replay-confirm").await.expect("screenshot");
-    b.client
-        .find(Locator::Css("#confirm-replay"))
-        .await
-        .expect("confirm")
-        .click()
-        .await
-        .expect("confirm");
+    click_navigating(b, "#confirm-replay").await;
     let notice = b.text("#notice").await.unwrap_or_default();
     assert!(notice.starts_with("Replayed 1 dead letter"), "{notice}");
     // The item gets its real outcome: the batch completes again with one failure fewer.
@@ -481,13 +478,7 @@ async fn console_in_a_browser() {
     b.screenshot("08-overview").await.expect("screenshot");
 
     // Sign out; a CRM user of agency A sees A's batches only.
-    b.client
-        .find(Locator::Css("header form button"))
-        .await
-        .expect("sign out")
-        .click()
-        .await
-        .expect("sign out");
+    click_navigating(b, "header form button").await;
     assert!(
         b.client
             .current_url()
