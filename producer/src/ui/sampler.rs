@@ -73,6 +73,7 @@ pub async fn sample(db: &DatabaseConnection) -> Result<bool, DbErr> {
              SELECT true, clock_timestamp(), COALESCE((SELECT max(id) FROM bulk_batches), 0),
                     COALESCE((SELECT jsonb_object_agg(id::text, {WORKER_DONE_SQL})
                                 FROM bulk_batches WHERE completed_at IS NULL), '{{}}'::jsonb)
+              WHERE NOT EXISTS (SELECT 1 FROM throughput_cursor)
              ON CONFLICT (id) DO NOTHING"
         ),
         [],

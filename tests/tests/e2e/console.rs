@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use bulkops_tests::browser::Browser;
-use bulkops_tests::console::{ConsoleClient, enable, operator_token};
+use bulkops_tests::console::{ConsoleClient, enable};
 use bulkops_tests::fixture::{World, insert, rows};
 use fantoccini::Locator;
 use reqwest::StatusCode;
@@ -191,11 +191,14 @@ async fn console_in_a_browser() {
         "redirected to the login"
     );
     b.screenshot("01-login").await.expect("screenshot");
-    let field = b.client.find(Locator::Css("#token")).await.expect("field");
-    field
-        .send_keys(&operator_token("ops-e2e"))
+    // The operator's token comes from the CLI, as an operator would get it.
+    let (ok, minted, err) = env
+        .cli(&["token", "--operator", "ops-e2e", "--ttl-secs", "600"])
         .await
-        .expect("type");
+        .expect("bulkops token");
+    assert!(ok.success(), "{err}");
+    let field = b.client.find(Locator::Css("#token")).await.expect("field");
+    field.send_keys(minted.trim()).await.expect("type");
     click_navigating(b, "#sign-in").await;
     let url = b.client.current_url().await.expect("url");
     assert!(
