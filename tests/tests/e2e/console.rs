@@ -127,12 +127,25 @@ async fn console_in_a_browser() {
     )
     .await
     .expect("constraint");
-    enable(&env).await;
     // A metered split and small chunks: the batch runs for several seconds, long enough
     // to be watched.
     env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 20).await;
     env.set("BULKOPS__SPLIT__CHUNK_SIZE", 20).await;
     env.set("BULKOPS__WORKER__CHUNK_SIZE", 10).await;
+    // Without ui.enabled there is no console at all.
+    let (_, plain) = env.start_producer().await.expect("producer");
+    for path in ["/ui", "/ui/login", "/ui/batches"] {
+        let page = ConsoleClient::new(&plain.base, None)
+            .get(path)
+            .await
+            .expect("page");
+        assert_eq!(
+            page.status,
+            StatusCode::NOT_FOUND,
+            "{path} without ui.enabled"
+        );
+    }
+    enable(&env).await;
     let (_, api) = env.start_producer().await.expect("producer");
     let base = api.base.clone();
     let batch = api
