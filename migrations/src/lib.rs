@@ -6,8 +6,9 @@
 //! keep a child row from outliving the Sales Record it belongs to (`orphan_guard.sql`);
 //! the stall sweeper's republish generations and the workers' outage reports
 //! (`stall_bound.sql`); then what quotas, fair shares and retention need (pruning
-//! columns, indexes, leases: `quotas_retention.sql`). Each is plain SQL kept beside this
-//! file, applied in one transaction.
+//! columns, indexes, leases: `quotas_retention.sql`); and what the operator console reads
+//! (worker heartbeats, throughput samples: `console_schema.sql`). Each is plain SQL kept
+//! beside this file, applied in one transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
 //! concurrent runs with an advisory lock, so any number of deploy hooks or test harnesses
@@ -42,6 +43,10 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261202_000005_quotas_retention",
                 up: include_str!("quotas_retention.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261202_000006_console",
+                up: include_str!("console_schema.sql"),
             }),
         ]
     }

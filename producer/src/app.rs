@@ -28,11 +28,11 @@ use crate::routes::{batches, bulk, ops, saved, search};
 use crate::split::{SplitHandle, Splitter};
 use crate::state::{AppState, Inner};
 
-/// The API's router.
+/// The API's router (with the operator console under `/ui` when it is enabled).
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.http.body_limit_bytes;
     let timeout = Duration::from_millis(state.settings.http.request_timeout_ms);
-    Router::new()
+    let api = Router::new()
         .route("/v1/individuals/search", post(search::search))
         .route("/v1/individuals/search.csv", post(search::search_csv))
         .route("/v1/saved-searches", post(saved::create).get(saved::list))
@@ -47,8 +47,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/readyz", get(ops::readyz));
+    let app = if state.ui.is_some() {
+        api.nest("/ui", crate::ui::router()).route(
+            "/ui/",
+            get(|| async { axum::response::Redirect::permanent("/ui") }),
+        )
+    } else {
+        api
+    };
+    app.layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::new())
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -130,6 +138,13 @@ pub async fn serve(
     );
     let split_owner = uuid::Uuid::new_v4();
     let split_handle = SplitHandle::default();
+    let console = if settings.ui.enabled {
+        Some(Arc::new(
+            crate::ui::Console::new(&settings, shutdown.clone()).context("ui")?,
+        ))
+    } else {
+        None
+    };
     let state = AppState(Arc::new(Inner {
         db: db.clone(),
         export_db: export_db.clone(),
@@ -144,6 +159,7 @@ pub async fn serve(
         split_owner,
         topology: topology.clone(),
         settings: settings.clone(),
+        ui: console.clone(),
     }));
 
     let tasks = TaskTracker::new();
@@ -182,6 +198,9 @@ pub async fn serve(
         tasks.spawn(pruner.run(shutdown.clone()));
     }
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
+    if console.is_some() {
+        tasks.spawn(crate::ui::sampler::run(db.clone(), shutdown.clone()));
+    }
     tasks.spawn(crate::monitor::run(
         db.clone(),
         publish_link.clone(),
@@ -207,6 +226,9 @@ pub async fn serve(
         tracing::warn!("background tasks did not stop within 20 s");
     }
     publish_link.close().await;
+    if let Some(c) = &console {
+        c.link.close().await;
+    }
     db.close().await.ok();
     export_db.close().await.ok();
     tracing::info!("bulkops-producer stopped");

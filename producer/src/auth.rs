@@ -60,14 +60,24 @@ impl FromRequestParts<AppState> for Caller {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or(ApiError::Unauthorized("expected a bearer token"))?
             .trim();
-        let claims = decode::<Claims>(token, &state.jwt, &validation())
-            .map_err(|_| ApiError::Unauthorized("invalid or expired token"))?
-            .claims;
-        let user_id: i64 = claims
-            .sub
-            .parse()
-            .map_err(|_| ApiError::Unauthorized("invalid token subject"))?;
-        let row = state
+        caller_from_token(state, token).await
+    }
+}
+
+/// Verifies a CRM token and loads the acting user's rights (the bearer token of the API,
+/// or the operator console's session cookie).
+///
+/// # Errors
+/// [`ApiError::Unauthorized`] as the module says; database errors.
+pub async fn caller_from_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
+    let claims = decode::<Claims>(token, &state.jwt, &validation())
+        .map_err(|_| ApiError::Unauthorized("invalid or expired token"))?
+        .claims;
+    let user_id: i64 = claims
+        .sub
+        .parse()
+        .map_err(|_| ApiError::Unauthorized("invalid token subject"))?;
+    let row = state
             .db
             .query_one_raw(stmt(
                 "SELECT u.agency_id, u.active, u.kind IN ('agency_user', 'agent_crm_user') AS crm_kind,
@@ -87,30 +97,29 @@ impl FromRequestParts<AppState> for Caller {
             .await
             .map_err(ApiError::db)?
             .ok_or(ApiError::Unauthorized("unknown user"))?;
-        let agency: i64 = row.try_get("", "agency_id").map_err(ApiError::db)?;
-        let active: bool = row.try_get("", "active").map_err(ApiError::db)?;
-        if agency != claims.agency_id {
-            return Err(ApiError::Unauthorized(
-                "the user does not belong to the token's agency",
-            ));
-        }
-        if !active {
-            return Err(ApiError::Unauthorized("the user is inactive"));
-        }
-        let get = |col: &str| row.try_get::<bool>("", col).map_err(ApiError::db);
-        Ok(Caller {
-            user_id: UserId(user_id),
-            agency_id: AgencyId(agency),
-            access: UserAccess {
-                active,
-                crm_user_kind: get("crm_kind")?,
-                view_individuals: get("view_ind")?,
-                edit_individuals: get("edit_ind")?,
-                sales_enablement: get("sales_enablement")?,
-                full_rights_on_some_record_type: get("full_rights")?,
-            },
-        })
+    let agency: i64 = row.try_get("", "agency_id").map_err(ApiError::db)?;
+    let active: bool = row.try_get("", "active").map_err(ApiError::db)?;
+    if agency != claims.agency_id {
+        return Err(ApiError::Unauthorized(
+            "the user does not belong to the token's agency",
+        ));
     }
+    if !active {
+        return Err(ApiError::Unauthorized("the user is inactive"));
+    }
+    let get = |col: &str| row.try_get::<bool>("", col).map_err(ApiError::db);
+    Ok(Caller {
+        user_id: UserId(user_id),
+        agency_id: AgencyId(agency),
+        access: UserAccess {
+            active,
+            crm_user_kind: get("crm_kind")?,
+            view_individuals: get("view_ind")?,
+            edit_individuals: get("edit_ind")?,
+            sales_enablement: get("sales_enablement")?,
+            full_rights_on_some_record_type: get("full_rights")?,
+        },
+    })
 }
 
 /// Turns a permission rule's answer into a 403.

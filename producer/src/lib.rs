@@ -16,6 +16,7 @@
 //! - [`openapi`]: the generated OpenAPI document.
 //! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
 //! - [`csv_safe`]: the spreadsheet-safe cell rule of every CSV export.
+//! - [`ui`]: the operator console under `/ui` (`ui.enabled`).
 
 pub mod accept;
 pub mod app;
@@ -33,5 +34,6 @@ pub mod retention;
 pub mod routes;
 pub mod split;
 pub mod state;
+pub mod ui;
 
 pub use app::{router, run, serve};

@@ -139,6 +139,14 @@ async fn batches(
     Ok(())
 }
 
+/// A queue's `queue` label: its name without the prefix (`work.bulk`, `dead`, …).
+pub fn queue_label<'a>(topology: &Topology, queue: &'a str) -> &'a str {
+    queue
+        .strip_prefix(topology.prefix())
+        .unwrap_or(queue)
+        .trim_start_matches('.')
+}
+
 async fn queues(link: &AmqpLink, topology: &Topology, metrics: &ProducerMetrics) {
     let channel = match link.channel().await {
         Ok(ch) => ch,
@@ -168,10 +176,7 @@ async fn queues(link: &AmqpLink, topology: &Topology, metrics: &ProducerMetrics)
         .await;
         match declared {
             Ok(q) => {
-                let short = queue
-                    .strip_prefix(topology.prefix())
-                    .unwrap_or(&queue)
-                    .trim_start_matches('.');
+                let short = queue_label(topology, &queue);
                 metrics
                     .queue_messages
                     .with_label_values(&[short])

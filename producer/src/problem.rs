@@ -260,7 +260,12 @@ pub async fn problem_fallback(
             v.as_bytes().starts_with(PROBLEM_JSON.as_bytes())
                 || v.as_bytes().starts_with(b"application/json")
         });
-    if is_json {
+    // The operator console answers its errors as HTML pages of its own.
+    let is_html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if is_json || is_html {
         return response;
     }
     let (slug, detail) = match status {

@@ -41,6 +41,8 @@ pub struct Inner {
     pub split_owner: uuid::Uuid,
     /// Queue names.
     pub topology: Topology,
+    /// The operator console, when `ui.enabled`.
+    pub ui: Option<Arc<crate::ui::Console>>,
 }
 
 impl std::ops::Deref for AppState {

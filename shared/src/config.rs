@@ -55,6 +55,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The operator console served by the producer under `/ui`.
+    pub ui: UiSettings,
 }
 
 /// `[database]`
@@ -168,6 +170,35 @@ impl RedisMode {
 pub struct AuthSettings {
     /// HS256 secret that signs the CRM's JWTs. The producer refuses to start without it.
     pub jwt_secret: Option<SecretString>,
+    /// HS256 secret that signs operators' tokens (claim `role: "operator"`), which open the
+    /// console for every agency. Required when `ui.enabled`; must differ from `jwt_secret`,
+    /// so that no CRM token is ever an operator's.
+    pub operator_jwt_secret: Option<SecretString>,
+}
+
+/// `[ui]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct UiSettings {
+    /// Serve the operator console under `/ui`. Off by default: it is a second way into
+    /// every agency's batches, so a deployment turns it on deliberately, with an operator
+    /// secret, behind an ingress it chose.
+    pub enabled: bool,
+    /// When the session cookie carries `Secure`: `auto` (when the request came over TLS,
+    /// as the ingress says with `X-Forwarded-Proto: https`), `always` or `never`.
+    pub cookie_secure: CookieSecure,
+}
+
+/// `ui.cookie_secure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CookieSecure {
+    /// `Secure` when the request arrived over TLS (`X-Forwarded-Proto: https`, or
+    /// `Forwarded: proto=https`).
+    Auto,
+    /// Always `Secure` (the console is only ever reached over TLS).
+    Always,
+    /// Never `Secure` (plain HTTP on a trusted network, development).
+    Never,
 }
 
 /// `[http]`
@@ -388,6 +419,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retention.pause_ms", "20"),
     ("log.level", "info"),
     ("log.format", "text"),
+    ("ui.enabled", "false"),
+    ("ui.cookie_secure", "auto"),
 ];
 
 impl Settings {
@@ -518,6 +551,28 @@ impl Settings {
             && secret.expose_secret().is_empty()
         {
             return Err(ConfigError::new("auth.jwt_secret is set but empty"));
+        }
+        if let Some(secret) = &self.auth.operator_jwt_secret {
+            if secret.expose_secret().len() < 16 {
+                return Err(ConfigError::new(
+                    "auth.operator_jwt_secret must be at least 16 characters",
+                ));
+            }
+            if self
+                .auth
+                .jwt_secret
+                .as_ref()
+                .is_some_and(|crm| crm.expose_secret() == secret.expose_secret())
+            {
+                return Err(ConfigError::new(
+                    "auth.operator_jwt_secret must differ from auth.jwt_secret (a CRM token must never be an operator's)",
+                ));
+            }
+        }
+        if self.ui.enabled && self.auth.operator_jwt_secret.is_none() {
+            return Err(ConfigError::new(
+                "ui.enabled needs auth.operator_jwt_secret: set BULKOPS__AUTH__OPERATOR_JWT_SECRET",
+            ));
         }
         positive(
             self.database.max_connections.into(),
@@ -662,6 +717,9 @@ impl WorkerSettings {
 fn redact_variant(s: &str) -> String {
     if s.contains("redis.mode") && (s.contains("variant") || s.contains("enum RedisMode")) {
         return "redis.mode must be standalone, cluster or sentinel".to_owned();
+    }
+    if s.contains("ui.cookie_secure") && (s.contains("variant") || s.contains("CookieSecure")) {
+        return "ui.cookie_secure must be auto, always or never".to_owned();
     }
     s.to_owned()
 }
@@ -881,6 +939,51 @@ mod tests {
             assert!(err.contains(expect), "{pairs:?}: {err}");
             assert!(!err.contains('\n'), "{err}");
             assert!(!err.contains("topsecret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_console_is_off_unless_enabled_with_its_own_secret() {
+        let d = Settings::load_from(&Sources::default()).unwrap();
+        assert!(!d.ui.enabled);
+        assert_eq!(d.ui.cookie_secure, CookieSecure::Auto);
+        assert!(d.auth.operator_jwt_secret.is_none());
+        let s = Settings::load_from(&env(&[
+            ("BULKOPS__UI__ENABLED", "true"),
+            ("BULKOPS__UI__COOKIE_SECURE", "always"),
+            ("BULKOPS__AUTH__JWT_SECRET", "crm-secret-0123456789"),
+            (
+                "BULKOPS__AUTH__OPERATOR_JWT_SECRET",
+                "ops-secret-0123456789",
+            ),
+        ]))
+        .unwrap();
+        assert!(s.ui.enabled);
+        assert_eq!(s.ui.cookie_secure, CookieSecure::Always);
+        for (pairs, expect) in [
+            (vec![("BULKOPS__UI__ENABLED", "true")], "ui.enabled needs"),
+            (
+                vec![
+                    ("BULKOPS__AUTH__JWT_SECRET", "same-secret-0123456789"),
+                    (
+                        "BULKOPS__AUTH__OPERATOR_JWT_SECRET",
+                        "same-secret-0123456789",
+                    ),
+                ],
+                "must differ",
+            ),
+            (
+                vec![("BULKOPS__AUTH__OPERATOR_JWT_SECRET", "short")],
+                "at least 16",
+            ),
+            (
+                vec![("BULKOPS__UI__COOKIE_SECURE", "sometimes")],
+                "ui.cookie_secure must be auto, always or never",
+            ),
+        ] {
+            let err = Settings::load_from(&env(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{pairs:?}: {err}");
+            assert!(!err.contains("0123456789"), "{err}");
         }
     }
 

@@ -15,6 +15,7 @@
 //! - [`topology`]: AMQP names and their idempotent declaration.
 //! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
 //! - [`db`]: the PostgreSQL pool and error classification.
+//! - [`deadletters`]: the dead-letter queue for operators: list, and replay after a fix.
 //! - [`lock`]: Redis locks (SET NX PX with a token, compare-and-delete release).
 //! - [`net`]: TCP keepalives, so a half-open connection is noticed in seconds.
 //! - [`filter`]: the Individual search filter, parsed into a typed value and turned into SQL.
@@ -32,6 +33,7 @@ pub mod amqp;
 pub mod batch;
 pub mod config;
 pub mod db;
+pub mod deadletters;
 pub mod filter;
 pub mod health;
 pub mod ids;

@@ -2,6 +2,10 @@
 //! over what the database says about a user. The producer loads a [`UserAccess`] per
 //! request and asks these; the answers' reasons become the 403's detail.
 
+/// The `role` claim of an operator's token (HS256 with `auth.operator_jwt_secret`): an
+/// operator is no CRM user, and sees every agency in the operator console.
+pub const OPERATOR_ROLE: &str = "operator";
+
 /// What the database says about the acting user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UserAccess {

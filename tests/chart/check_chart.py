@@ -48,6 +48,7 @@ SECRET_ENV = {
     "redis-url": "BULKOPS__REDIS__URL",
     "redis-nodes": "BULKOPS__REDIS__NODES",
     "jwt-secret": "BULKOPS__AUTH__JWT_SECRET",
+    "operator-jwt-secret": "BULKOPS__AUTH__OPERATOR_JWT_SECRET",
     # Read only when the Secret holds it (an optional secretKeyRef).
     "amqp-urls": "BULKOPS__AMQP__URLS",
 }
@@ -282,6 +283,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     keda = values["worker"]["keda"]["enabled"]
     hpa = values["worker"]["autoscaling"]["enabled"] and not keda
     monitor = values["serviceMonitor"]["enabled"] and "monitoring.coreos.com/v1" in apis
+    ui = bool(values["config"].get("ui", {}).get("enabled"))
 
     c.check(all(o.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/instance") == RELEASE
                 for o in everything), "every object carries the instance label")
@@ -290,7 +292,8 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     deployments = by_kind(objects, "Deployment")
     c.check(set(deployments) == {producer, worker}, f"Deployments {producer} and {worker}")
     redis_required, redis_optional = redis_keys(values)
-    for dname, keys in ((producer, ["database-url", "amqp-url", *redis_required, "jwt-secret"]),
+    producer_keys = ["database-url", "amqp-url", *redis_required, "jwt-secret"] + (["operator-jwt-secret"] if ui else [])
+    for dname, keys in ((producer, producer_keys),
                         (worker, ["database-url", "amqp-url", *redis_required])):
         d = deployments.get(dname)
         if not d:
@@ -352,6 +355,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
         want |= {"redis-nodes"} if values["secrets"].get("redisNodes") else set()
         nodes = values["secrets"].get("amqpUrls") or []
         want |= {"amqp-urls"} if nodes else set()
+        want |= {"operator-jwt-secret"} if values["secrets"].get("operatorJwtSecret") else set()
         data = secrets.get(fullname, {}).get("data", {})
         c.check(set(data) == want, f"Secret {fullname} has keys {', '.join(sorted(want))}")
         if values["secrets"].get("redisNodes"):
@@ -425,6 +429,11 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     for ing in ingresses.values():
         backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
         c.check(all(b == {"name": producer, "port": {"name": "http"}} for b in backends), "Ingress routes to the producer Service")
+        if ui:
+            for rule in ing["spec"]["rules"]:
+                ui_paths = [p for p in rule["http"]["paths"] if p["path"] == "/ui"]
+                c.check(len(ui_paths) == 1 and ui_paths[0]["pathType"] == "Prefix",
+                        f"Ingress host {rule.get('host')} routes /ui (the console) to the producer, once")
 
     # Service account.
     sas = by_kind(objects, "ServiceAccount")
@@ -433,6 +442,8 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     notes = (release.get("info") or {}).get("notes") or ""
     c.check("bulkops token" in notes and "bulkops batch watch" in notes and producer in notes,
             "NOTES explain reaching the API, getting a token and watching a batch")
+    c.check(("bulkops token --operator" in notes and "/ui" in notes) == ui,
+            f"NOTES explain reaching the console and minting an operator token exactly when it is on ({ui})")
 
     kinds: dict[str, int] = {}
     for o in everything:
@@ -441,7 +452,7 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     return {"kinds": kinds, "keda": keda, "hpa": hpa, "monitor": monitor, "existing": bool(existing),
             "amqp_urls": bool(values["secrets"].get("amqpUrls")),
             "ingress": values["ingress"]["enabled"], "redis_cluster": mode == "cluster",
-            "redis_sentinel": mode == "sentinel", "objects": everything}
+            "redis_sentinel": mode == "sentinel", "ui": ui, "objects": everything}
 
 
 def expect_refusal(c: Checks, label: str, values: dict, needle: str) -> None:
@@ -462,7 +473,7 @@ def main() -> int:
         return 1
     summary = []
     features = {"keda": False, "hpa": False, "monitor": False, "existing": False, "ingress": False,
-                "redis_cluster": False, "redis_sentinel": False, "amqp_urls": False}
+                "redis_cluster": False, "redis_sentinel": False, "amqp_urls": False, "ui": False}
     total_valid = total_skipped = 0
     for path in files:
         override = yaml.safe_load(path.read_text()) or {}
@@ -525,6 +536,15 @@ def main() -> int:
     expect_refusal(c, "the removed keda.queueLength", merge(creds, {"worker": {"keda": {"queueLength": 5}}}),
                    "queueLength")
 
+    expect_refusal(c, "the console without an operator secret", merge(creds, {"config": {"ui": {"enabled": True}}}),
+                   "secrets.operatorJwtSecret is required")
+    expect_refusal(c, "an operator secret equal to the JWT secret",
+                   merge(creds, {"config": {"ui": {"enabled": True}},
+                                 "secrets": {"operatorJwtSecret": creds["secrets"]["jwtSecret"]}}),
+                   "must differ")
+    expect_refusal(c, "an unknown ui.cookie_secure", merge(creds, {"config": {"ui": {"cookie_secure": "sometimes"}}}),
+                   "cookie_secure")
+
     versions = {p: importlib.metadata.version(p) for p in ("helm-sdkpy", "kubernetes-validate", "PyYAML")}
     print()
     print("check_chart summary")
@@ -536,7 +556,8 @@ def main() -> int:
     print(f"  refusals: misspelt value key, missing secrets, worker grace period <= 30 s, "
           f"min_connections > max_connections, unknown config key, unknown Redis mode, cluster/sentinel "
           f"mode without nodes, nodes in standalone mode, a node that is no redis:// URL, KEDA without "
-          f"Prometheus, a non-AMQP cluster node URL, bulk_queues out of range, the removed keda.queueLength")
+          f"Prometheus, a non-AMQP cluster node URL, bulk_queues out of range, the removed keda.queueLength, "
+          f"the console without an operator secret or with the JWT secret, an unknown ui.cookie_secure")
     print(f"  {total_valid} objects schema-validated, {total_skipped} CRD objects (ServiceMonitor, ScaledObject, "
           f"TriggerAuthentication) not schema-validated (no schemas shipped for them)")
     print(f"{c.passed} passed, {len(c.failures)} failed")

@@ -10,6 +10,8 @@
 //! - [`env`]: the per-test environment and its clean-up.
 //! - [`process`]: spawned programs (start, signal, logs).
 //! - [`api`]: an HTTP client for the producer's API.
+//! - [`console`]: the operator console's configuration, operators' tokens, a page client.
+//! - [`browser`]: a headless Chromium driven over WebDriver, for the console's test.
 //! - [`events`]: captured workflow events.
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
@@ -21,7 +23,9 @@
 //! - [`pg_cluster`]: PgBouncer, and a PostgreSQL primary/standby pair behind a switch.
 
 pub mod api;
+pub mod browser;
 pub mod check;
+pub mod console;
 pub mod env;
 pub mod events;
 pub mod fixture;

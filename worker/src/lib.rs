@@ -14,6 +14,7 @@
 //! - [`outage`]: waiting out an unreachable dependency, once per worker in the logs.
 //! - [`status`]: the outage report that holds the producers' stall sweeper.
 //! - [`deadletter`]: records the failure of dead-lettered items.
+//! - [`heartbeat`]: readiness written to `worker_heartbeats` for the operator console.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod acks;
@@ -22,6 +23,7 @@ pub mod convert;
 pub mod create;
 pub mod deadletter;
 pub mod gate;
+pub mod heartbeat;
 pub mod meta;
 pub mod outage;
 pub mod outcomes;
@@ -161,6 +163,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     ));
     tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(
+        heartbeat::Heartbeat {
+            id: uuid::Uuid::new_v4(),
+            db: db.clone(),
+            links: vec![consume_link.clone(), publish_link.clone()],
+            locks: locks.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown.clone(), heartbeat_stop.clone()),
+    );
     let probe = server::Probe {
         db: db.clone(),
         links: vec![consume_link.clone(), publish_link.clone()],
@@ -186,11 +199,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     {
         tracing::warn!("drain deadline reached");
     }
-    // Events of the work finished during the drain leave before the relay stops.
+    // Events of the work finished during the drain leave before the relay stops; the
+    // heartbeat row is deleted meanwhile.
     relay_stop.cancel();
+    heartbeat_stop.cancel();
     if let Some(t) = relay_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
+    let _ = tokio::time::timeout(Duration::from_millis(500), heartbeat).await;
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     consume_link.close().await;

@@ -102,6 +102,7 @@ amqp-urls: BULKOPS__AMQP__URLS
 redis-url: BULKOPS__REDIS__URL
 redis-nodes: BULKOPS__REDIS__NODES
 jwt-secret: BULKOPS__AUTH__JWT_SECRET
+operator-jwt-secret: BULKOPS__AUTH__OPERATOR_JWT_SECRET
 {{- end }}
 
 {{/*
@@ -222,7 +223,7 @@ Secrets never appear here; they come from the environment.
 {{- $_ = set $config "metrics" (dict "bind" (printf "0.0.0.0:%s" (include "bulkops.workerPort" .))) -}}
 # Rendered by the bulkops chart from .Values.config (keys: config/default.toml).
 # Secrets come from the environment: BULKOPS__DATABASE__URL, BULKOPS__AMQP__URL(S),
-# BULKOPS__REDIS__URL, BULKOPS__AUTH__JWT_SECRET.
+# BULKOPS__REDIS__URL, BULKOPS__AUTH__JWT_SECRET (and BULKOPS__AUTH__OPERATOR_JWT_SECRET).
 {{- range $section := keys $config | sortAlpha }}
 {{- $values := get $config $section }}
 
@@ -253,6 +254,12 @@ periods are held above the 29 s drain limit by the schema.)
 {{- end }}
 {{- if and (eq $redisMode "standalone") .Values.secrets.redisNodes }}
 {{- fail "secrets.redisNodes is set but config.redis.mode is standalone: set config.redis.mode to cluster or sentinel" }}
+{{- end }}
+{{- if and (.Values.config.ui).enabled (not .Values.secrets.operatorJwtSecret) }}
+{{- fail "secrets.operatorJwtSecret is required when config.ui.enabled is true (or name an existingSecret with the key operator-jwt-secret)" }}
+{{- end }}
+{{- if and .Values.secrets.operatorJwtSecret (eq .Values.secrets.operatorJwtSecret .Values.secrets.jwtSecret) }}
+{{- fail "secrets.operatorJwtSecret must differ from secrets.jwtSecret (a CRM token must never be an operator's)" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.worker.keda.enabled (not .Values.worker.keda.prometheus.serverAddress) }}

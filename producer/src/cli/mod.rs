@@ -1,4 +1,5 @@
-//! The `bulkops` operator's command line: demo data, tokens, batches and dead letters.
+//! The `bulkops` operator's command line: demo data, tokens (CRM users' and operators'),
+//! batches and dead letters.
 //!
 //! It reads the same layered configuration as the services (`config/default.toml`,
 //! `BULKOPS_CONFIG`, `BULKOPS__…`) and talks to the database and the broker directly, as an
@@ -74,11 +75,20 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Profile::Demo)]
         profile: Profile,
     },
-    /// Print a JWT for a user (signed with auth.jwt_secret), for scripts and the demo.
+    /// Print a JWT: a CRM user's (signed with auth.jwt_secret), for scripts and the demo,
+    /// or an operator's for the console (signed with auth.operator_jwt_secret).
     Token {
         /// The user.
-        #[arg(long)]
-        user: i64,
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        user: Option<i64>,
+        /// An operator's token for the console instead, naming the operator (its `sub`,
+        /// shown in the console and its logs).
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
@@ -254,7 +264,34 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             seed::enrich_leads(&db, agency, &ids, profile).await?;
             out(&serde_json::to_string(&ids)?);
         }
-        Command::Token { user, ttl_secs } => {
+        Command::Token {
+            operator: Some(name),
+            ttl_secs,
+            ..
+        } => {
+            let secret = settings
+                .auth
+                .operator_jwt_secret
+                .as_ref()
+                .context("auth.operator_jwt_secret is required for an operator token: set BULKOPS__AUTH__OPERATOR_JWT_SECRET")?
+                .expose_secret()
+                .to_owned();
+            if name.trim().is_empty() {
+                anyhow::bail!("--operator needs a name");
+            }
+            let now = chrono::Utc::now().timestamp();
+            let claims = serde_json::json!({
+                "sub": name.trim(), "role": bulkops_shared::permissions::OPERATOR_ROLE,
+                "iat": now, "exp": now + ttl_secs,
+            });
+            out(&jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )?);
+        }
+        Command::Token { user, ttl_secs, .. } => {
+            let user = user.context("--user or --operator is required")?;
             let secret = settings.require_jwt_secret()?.expose_secret().to_owned();
             let db = connect(&settings).await?;
             let row = db

@@ -11,10 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Value};
 
 use super::out;
-use crate::routes::batches::{BatchView, batch_from_row};
+use crate::routes::batches::{BATCH_COLUMNS as COLUMNS, BatchView, batch_from_row};
 use crate::routes::search::csv_line;
-
-use crate::routes::batches::BATCH_COLUMNS as COLUMNS;
 
 async fn load(db: &DatabaseConnection, id: i64) -> anyhow::Result<BatchView> {
     let row = db

@@ -132,10 +132,14 @@ pub struct ItemQuery {
     pub limit: Option<i64>,
 }
 
-/// The columns [`batch_from_row`] reads.
+/// The `bulk_batches` columns [`batch_from_row`] reads (the API, the CLI and the console
+/// select them the same way).
 pub const BATCH_COLUMNS: &str =
     "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
      requested_by, record_type_id, filter, created_at, completed_at, items_pruned_at";
+
+/// The `bulk_items` columns [`item_from_row`] reads.
+pub const ITEM_COLUMNS: &str = "seq, target_id, status, result_id, reason";
 
 /// Reads a batch row.
 ///
@@ -185,7 +189,11 @@ fn items_kept(batch: &BatchView) -> Result<(), ApiError> {
     }
 }
 
-fn item_from_row(r: &QueryResult) -> Result<ItemView, sea_orm::DbErr> {
+/// Reads an item row ([`ITEM_COLUMNS`]).
+///
+/// # Errors
+/// Database errors (a row of an unknown status is one).
+pub fn item_from_row(r: &QueryResult) -> Result<ItemView, sea_orm::DbErr> {
     let status: String = r.try_get("", "status")?;
     Ok(ItemView {
         seq: r.try_get("", "seq")?,
@@ -341,22 +349,36 @@ pub async fn items(
     let limit = limit_of(q.limit, 100)?;
     let status = status_of(q.status)?;
     items_kept(&load_batch(&state, &caller, id).await?)?;
-    let mut params: Vec<Value> = vec![id.into(), q.after.unwrap_or(0).into(), (limit + 1).into()];
-    let mut sql = "SELECT seq, target_id, status, result_id, reason FROM bulk_items
-                    WHERE batch_id = $1 AND seq > $2"
-        .to_owned();
+    Ok(axum::Json(
+        item_page(&state.db, id, status, q.after.unwrap_or(0), limit).await?,
+    ))
+}
+
+/// A page of a batch's items by seq: those after `after`, optionally of one status. The
+/// caller has checked that the batch is the caller's to see.
+///
+/// # Errors
+/// Database errors.
+pub async fn item_page(
+    db: &sea_orm::DatabaseConnection,
+    id: BatchId,
+    status: Option<ItemStatus>,
+    after: i64,
+    limit: i64,
+) -> Result<ItemPage, ApiError> {
+    let mut params: Vec<Value> = vec![id.into(), after.into(), (limit + 1).into()];
+    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1 AND seq > $2");
     if let Some(st) = status {
         params.push(st.as_str().into());
         sql.push_str(&format!(" AND status = ${}", params.len()));
     }
     sql.push_str(" ORDER BY seq LIMIT $3");
-    let rows = state
-        .db
+    let rows = db
         .query_all_raw(stmt(sql, params))
         .await
         .map_err(ApiError::db)?;
     let (items, next_after) = super::keyset_page(&rows, limit, item_from_row, |i| i.seq)?;
-    Ok(axum::Json(ItemPage { items, next_after }))
+    Ok(ItemPage { items, next_after })
 }
 
 /// Every item of a batch as CSV, streamed.
@@ -382,10 +404,16 @@ pub async fn items_csv(
     let Some(export) = Export::start(&state) else {
         return Ok(exports_busy());
     };
+    Ok(items_csv_response(export, id, None))
+}
+
+/// A batch's items (optionally of one status) as a streamed CSV download. The caller has
+/// checked that the batch is the caller's to see and still has its items, and holds an
+/// export permit ([`Export::start`]). Keyset pages, each a single statement on the exports'
+/// pool (see `search_csv`): the items are frozen and each moves from `pending` to its
+/// outcome once, so every item appears exactly once, with its status as of its page.
+pub fn items_csv_response(export: Export, id: BatchId, status: Option<ItemStatus>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    // Keyset pages, each a single statement on the exports' pool (see `search_csv`). The
-    // items are frozen and each moves from `pending` to its outcome once, so every item
-    // appears exactly once, with its status as of its page.
     tokio::spawn(async move {
         let header = csv_line(&["seq", "target_id", "status", "result_id", "reason"]);
         if !export.send(&tx, header).await {
@@ -393,14 +421,15 @@ pub async fn items_csv(
         }
         let mut after = 0_i64;
         loop {
-            let rows = match export
-                .page(stmt(
-                    "SELECT seq, target_id, status, result_id, reason FROM bulk_items
-                      WHERE batch_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                    [id.into(), after.into(), CSV_PAGE.into()],
-                ))
-                .await
-            {
+            let mut params: Vec<Value> = vec![id.into(), after.into(), CSV_PAGE.into()];
+            let mut sql =
+                format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1 AND seq > $2");
+            if let Some(st) = status {
+                params.push(st.as_str().into());
+                sql.push_str(" AND status = $4");
+            }
+            sql.push_str(" ORDER BY seq LIMIT $3");
+            let rows = match export.page(stmt(sql, params)).await {
                 Ok(rows) => rows,
                 Err(e) => return export.fail(&tx, &e).await,
             };
@@ -427,5 +456,9 @@ pub async fn items_csv(
             }
         }
     });
-    Ok(csv_response(rx, &format!("batch-{id}-items.csv")))
+    let name = match status {
+        Some(st) => format!("batch-{id}-items-{}.csv", st.as_str()),
+        None => format!("batch-{id}-items.csv"),
+    };
+    csv_response(rx, &name)
 }

@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod api_edges;
+mod console;
 mod convert;
 mod create;
 mod exports;

@@ -1,8 +1,10 @@
-//! No record data outside the database: the logs of every process and every message put on
-//! a queue or exchange during a bulk create and a conversion carry ids only.
+//! No record data outside the database: the logs of every process, every message put on
+//! a queue or exchange during a bulk create and a conversion, and every page of the
+//! operator console carry ids only.
 
 use std::time::Duration;
 
+use bulkops_tests::console::{ConsoleClient, enable, operator_token};
 use bulkops_tests::fixture::{World, insert};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -85,7 +87,9 @@ async fn no_record_data_in_logs_messages_or_events() {
     .await;
     leads.push(insert(db, "sales_records", &json!({"agency_id": w.agency, "record_type_id": restricted, "first_name": "Bartholomew"})).await);
 
-    // The producer alone first, so the split's messages can be read off the queues.
+    // The producer alone first, so the split's messages can be read off the queues. The
+    // console is on, so that its pages are checked too.
+    enable(&env).await;
     env.set(
         "RUST_LOG",
         "info,bulkops_producer=debug,bulkops_worker=debug,bulkops_shared=debug",
@@ -196,6 +200,36 @@ async fn no_record_data_in_logs_messages_or_events() {
         "events were captured: {}",
         events.len()
     );
+    // Every console page about these batches, as an operator and as the CRM user.
+    let mut pages = Vec::new();
+    for token in [operator_token("privacy-ops"), t.clone()] {
+        let console = ConsoleClient::new(&api.base, Some(&token));
+        let mut paths = vec!["/ui".to_owned(), "/ui/batches".to_owned()];
+        for batch in [create, convert] {
+            paths.push(format!("/ui/batches/{batch}"));
+            for status in ["created", "converted", "skipped", "failed"] {
+                paths.push(format!("/ui/batches/{batch}?status={status}"));
+            }
+            paths.push(format!("/ui/batches/{batch}/items.csv"));
+            paths.push(format!("/ui/batches/{batch}/live"));
+            paths.push(format!("/ui/batches/{batch}/replay?seq=1"));
+        }
+        for path in paths {
+            let page = console.get(&path).await.expect("console page");
+            assert!(
+                page.status.is_success() || page.status == reqwest::StatusCode::FORBIDDEN,
+                "{path}: {}",
+                page.status
+            );
+            pages.push((path, page.body));
+        }
+    }
+    assert!(
+        pages
+            .iter()
+            .any(|(p, body)| p.ends_with("?status=failed") && body.contains("forbidden")),
+        "the console pages show the items' reasons"
+    );
     let logs = env.logs().await;
     assert!(
         logs.contains("batch accepted") && logs.contains("malformed message"),
@@ -217,6 +251,12 @@ async fn no_record_data_in_logs_messages_or_events() {
             assert!(!m.contains(secret), "a message carries {secret}: {m}");
         }
         assert!(!logs.contains(secret), "the logs carry {secret}");
+        for (path, body) in &pages {
+            assert!(
+                !body.contains(secret),
+                "console page {path} carries {secret}"
+            );
+        }
     }
     let _ = conn.close(200, "done".into()).await;
     env.finish().await;
