@@ -17,7 +17,7 @@ use crate::redis::{assert_none_failed, record, runs, start_processes, wait_all_r
 const CREATE_ITEMS: i64 = 3000;
 
 /// The port of the machine's PostgreSQL.
-fn machine_pg_port() -> u16 {
+pub(crate) fn machine_pg_port() -> u16 {
     pg_server()
         .rsplit(':')
         .next()

@@ -14,12 +14,15 @@ use std::time::Duration;
 use bulkops_tests::TestEnv;
 use bulkops_tests::api::token;
 use bulkops_tests::env::Endpoints;
+use bulkops_tests::pg_cluster::{PgBouncer, PoolMode};
 use bulkops_tests::rabbit_cluster::RabbitCluster;
+use bulkops_tests::redis_cluster::RedisCluster;
 use bulkops_tests::scenario::{
     assert_mid_batch, convert_world, create_world, finish_convert, finish_create, wait_done,
 };
 use serde_json::json;
 
+use crate::pg::machine_pg_port;
 use crate::{record, runs};
 
 /// Items of a create scenario.
@@ -45,9 +48,22 @@ pub fn machine_redis() -> RedisSettings {
 /// A test environment on the cluster, its processes tuned so every fault lands mid-work:
 /// small chunks, 3 bulk shards, and `redis` for the lock store.
 pub async fn cluster_env(name: &str, cluster: &RabbitCluster, redis: &RedisSettings) -> TestEnv {
-    let env = TestEnv::with(name, Endpoints::cluster(cluster.urls()))
-        .await
-        .expect("env");
+    cluster_env_on(name, cluster, redis, None).await
+}
+
+/// [`cluster_env`], with the programs reaching PostgreSQL at `pg` (a server base URL, e.g.
+/// a PgBouncer's) instead of the machine's server directly.
+pub async fn cluster_env_on(
+    name: &str,
+    cluster: &RabbitCluster,
+    redis: &RedisSettings,
+    pg: Option<String>,
+) -> TestEnv {
+    let mut endpoints = Endpoints::cluster(cluster.urls());
+    if let Some(pg) = pg {
+        endpoints.pg = pg;
+    }
+    let env = TestEnv::with(name, endpoints).await.expect("env");
     env.set("BULKOPS__AMQP__BULK_QUEUES", SHARDS).await;
     env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
     // A lost node is noticed by its clients within seconds (heartbeats), and a reconnect
@@ -105,9 +121,16 @@ async fn assert_shards_spread(cluster: &RabbitCluster, env: &TestEnv) {
     );
 }
 
-/// A bulk create and a bulk conversion on the healthy cluster, with Redis at `redis`.
-pub async fn healthy_create_and_convert(cluster: &RabbitCluster, redis: &RedisSettings) {
-    let env = cluster_env("c_rabbit_create", cluster, redis).await;
+/// A bulk create and a bulk conversion on the healthy cluster, with Redis at `redis` and
+/// the programs reaching PostgreSQL at `pg` (the machine's server when `None`); `what`
+/// names the setup in the results.
+pub async fn healthy_create_and_convert(
+    cluster: &RabbitCluster,
+    redis: &RedisSettings,
+    pg: Option<String>,
+    what: &str,
+) {
+    let env = cluster_env_on("c_rabbit_create", cluster, redis, pg.clone()).await;
     let w = create_world(&env, CREATE_ITEMS).await;
     let api = env.start(3).await.expect("start");
     let batch = api
@@ -127,10 +150,10 @@ pub async fn healthy_create_and_convert(cluster: &RabbitCluster, redis: &RedisSe
         !logs.contains("amqp://") && !logs.contains("guest:guest"),
         "a URL in the logs"
     );
-    record("3-node RabbitMQ cluster, 3 bulk shards: bulk create", tally);
+    record(&format!("{what}: bulk create"), tally);
     env.finish().await;
 
-    let env = cluster_env("c_rabbit_convert", cluster, redis).await;
+    let env = cluster_env_on("c_rabbit_convert", cluster, redis, pg).await;
     let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
     env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
     let api = env.start(3).await.expect("start");
@@ -139,17 +162,34 @@ pub async fn healthy_create_and_convert(cluster: &RabbitCluster, redis: &RedisSe
         .await
         .expect("convert");
     record(
-        "3-node RabbitMQ cluster, 3 bulk shards: bulk conversion",
+        &format!("{what}: bulk conversion"),
         finish_convert(&env, batch, &before).await,
     );
     env.finish().await;
 }
 
+/// Every engine clustered at once, as production runs them: the 3-node RabbitMQ cluster
+/// with 3 bulk shards, a Redis Cluster (3 masters, 3 replicas) for the locks, and the
+/// programs reaching PostgreSQL through PgBouncer in session mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthy_cluster() {
+async fn healthy_clusters() {
     for _ in 0..runs() {
         let cluster = RabbitCluster::start(3).await.expect("cluster");
-        healthy_create_and_convert(&cluster, &machine_redis()).await;
+        let redis = RedisCluster::start().await.expect("redis cluster");
+        let bouncer = PgBouncer::start(machine_pg_port(), PoolMode::Session)
+            .await
+            .expect("pgbouncer");
+        let redis_settings: RedisSettings = vec![
+            ("BULKOPS__REDIS__MODE", "cluster".to_owned()),
+            ("BULKOPS__REDIS__NODES", redis.seeds()),
+        ];
+        healthy_create_and_convert(
+            &cluster,
+            &redis_settings,
+            Some(bouncer.server_url()),
+            "3-node RabbitMQ (3 bulk shards), Redis Cluster, PgBouncer",
+        )
+        .await;
     }
 }
 
