@@ -78,7 +78,7 @@ CLUSTER_N ?= 200000
 CLUSTER_BENCH_RUNS ?= 3
 
 .PHONY: bench-cluster
-bench-cluster: ## Bulk-create records/s on a 3-node RabbitMQ cluster against one node, amqp.bulk_queues 1 and 3, in one run (CLUSTER_N=200000 Individuals, CLUSTER_BENCH_RUNS=3 medians); writes docs/PERFORMANCE.md
+bench-cluster: ## Bulk-create records/s on a 3-node RabbitMQ cluster (with a standalone Redis, then a Redis Cluster) against one node, amqp.bulk_queues 1 and 3, in one run (CLUSTER_N=200000 Individuals, CLUSTER_BENCH_RUNS=3 medians); writes docs/PERFORMANCE.md
 	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
 	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --cluster --individuals $(CLUSTER_N) --runs $(CLUSTER_BENCH_RUNS)
 .PHONY: bench-fairness

@@ -789,8 +789,9 @@ impl Report {
     }
 }
 
-/// `--cluster`: bulk create on one RabbitMQ node against a 3-node cluster, with 1 and 3
-/// bulk shards, in the same run.
+/// `--cluster`: bulk create on one RabbitMQ node with a standalone Redis against a 3-node
+/// RabbitMQ cluster (with a standalone Redis, then with a Redis Cluster), with 1 and 3 bulk
+/// shards each, in the same run.
 async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
     use bulkops_tests::rabbit_cluster::RabbitCluster;
     use bulkops_tests::services::RabbitInstance;
@@ -799,19 +800,44 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
     println!("seeding {} Individuals …", a.individuals);
     let (agency, admin_user, record_type) =
         seed_create_template("bulkops_bench_create", a.individuals).await?;
-    println!("starting a RabbitMQ node and a 3-node RabbitMQ cluster …");
+    println!("starting a RabbitMQ node, a 3-node RabbitMQ cluster and a Redis Cluster …");
     let single = RabbitInstance::start().await?;
     let cluster = RabbitCluster::start(3).await?;
-    let setups: [(&str, Vec<String>, Vec<&RabbitInstance>); 2] = [
-        ("1 RabbitMQ node", vec![single.url()], vec![&single]),
+    let redis_cluster = bulkops_tests::redis_cluster::RedisCluster::start().await?;
+    let standalone: Vec<(&str, String)> = Vec::new();
+    let clustered_redis = vec![
+        ("BULKOPS__REDIS__MODE", "cluster".to_owned()),
+        ("BULKOPS__REDIS__NODES", redis_cluster.seeds()),
+    ];
+    // (label, broker URLs, broker nodes, Redis settings)
+    type Setup<'a> = (
+        &'a str,
+        Vec<String>,
+        Vec<&'a RabbitInstance>,
+        &'a [(&'a str, String)],
+    );
+    let setups: [Setup<'_>; 3] = [
         (
-            "3-node RabbitMQ cluster",
+            "1 RabbitMQ node, standalone Redis",
+            vec![single.url()],
+            vec![&single],
+            &standalone,
+        ),
+        (
+            "3-node RabbitMQ cluster, standalone Redis",
             cluster.urls(),
             cluster.nodes.iter().collect(),
+            &standalone,
+        ),
+        (
+            "3-node RabbitMQ cluster, Redis Cluster (3 masters, 3 replicas)",
+            cluster.urls(),
+            cluster.nodes.iter().collect(),
+            &clustered_redis,
         ),
     ];
     let mut baseline = None;
-    for (label, urls, nodes) in &setups {
+    for (label, urls, nodes, redis) in &setups {
         for shards in [1_u16, 3] {
             let mut secs = Vec::new();
             let mut broker_cpu = Vec::new();
@@ -827,7 +853,8 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
                 if urls.len() > 1 {
                     extra.push(("BULKOPS__AMQP__URLS", urls.join(",")));
                 }
-                let tag = format!("cluster-{}-{shards}-{run}", urls.len());
+                extra.extend(redis.iter().cloned());
+                let tag = format!("cluster-{}-{}-{shards}-{run}", urls.len(), redis.len());
                 let d = deploy("bulkops_bench_run", WORKERS, &extra, &tag).await?;
                 let cpu_before: Vec<f64> = nodes.iter().map(|n| n.cpu_seconds()).collect();
                 let (_, worker_before) = d.workers_usage().await;
@@ -883,6 +910,7 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
     drop_db("bulkops_bench_run").await?;
     drop_db("bulkops_bench_create").await?;
     drop(setups);
+    drop(redis_cluster);
     drop(cluster);
     drop(single);
     let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
