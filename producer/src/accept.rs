@@ -118,6 +118,13 @@ pub struct AcceptConfig {
 /// # Errors
 /// 409 on an `expected_total` mismatch, 422 on a key reused for another request, 429 when
 /// the agency's quota has no room for it, 503/500 on database failures.
+#[tracing::instrument(name = "bulk.accept", skip_all, fields(
+    agency_id = caller.agency_id.0,
+    kind = tracing::field::Empty,
+    batch_id = tracing::field::Empty,
+    items = tracing::field::Empty,
+    presettled = tracing::field::Empty,
+))]
 pub async fn accept(
     db: &DatabaseConnection,
     caller: &Caller,
@@ -132,6 +139,10 @@ pub async fn accept(
         max_active_items_per_agency: limit,
     } = cfg;
     let tx = db.begin().await.map_err(ApiError::db)?;
+    // The batch row and any event this transaction writes keep the accept's trace context.
+    bulkops_shared::telemetry::propagation::stamp_transaction(&tx)
+        .await
+        .map_err(ApiError::db)?;
     if let Some(key) = idempotency
         && let Some(replay) = claim_key(&tx, caller, key).await?
     {
@@ -165,6 +176,7 @@ pub async fn accept(
         Targets::Search { .. } => BatchKind::CreateSalesRecords,
         Targets::Conversion { .. } => BatchKind::ConvertSalesRecords,
     };
+    tracing::Span::current().record("kind", kind.as_str());
     let (record_type_id, saved_search_id, filter_json) = match targets {
         Targets::Search {
             filter,
@@ -195,6 +207,7 @@ pub async fn accept(
         .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("batch insert returned no row")))?;
     let batch_id = BatchId(row.try_get("", "id").map_err(ApiError::db)?);
+    tracing::Span::current().record("batch_id", batch_id.0);
 
     let (total, delta) = match targets {
         Targets::Search { filter, .. } => freeze_search(&tx, batch_id, caller, filter).await?,
@@ -282,7 +295,10 @@ pub async fn accept(
         .map_err(ApiError::db)?;
     }
     tx.commit().await.map_err(ApiError::db)?;
-    tracing::info!(batch_id = %batch_id, kind = kind.as_str(), total, presettled, lane = lane.as_str(), "batch accepted");
+    tracing::Span::current()
+        .record("items", total)
+        .record("presettled", presettled);
+    tracing::info!(lane = lane.as_str(), "batch accepted");
     Ok(Acceptance::New {
         batch: answer,
         needs_split: to_publish > 0,
@@ -365,6 +381,7 @@ async fn claim_key(
 
 /// Freezes the Individuals the filter finds now. Returns the total and the outcomes
 /// settled at once.
+#[tracing::instrument(name = "bulk.freeze", skip_all, fields(batch_id = batch_id.0, items = tracing::field::Empty))]
 async fn freeze_search(
     tx: &DatabaseTransaction,
     batch_id: BatchId,
@@ -396,6 +413,7 @@ async fn freeze_search(
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
     let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
     let skipped: i64 = row.try_get("", "skipped").map_err(ApiError::db)?;
+    tracing::Span::current().record("items", total);
     Ok((
         total,
         OutcomeDelta {
@@ -406,6 +424,7 @@ async fn freeze_search(
 }
 
 /// Freezes the requested Sales Record ids (each once, in the order first given).
+#[tracing::instrument(name = "bulk.freeze", skip_all, fields(batch_id = batch_id.0, items = tracing::field::Empty))]
 async fn freeze_conversion(
     tx: &DatabaseTransaction,
     batch_id: BatchId,
@@ -462,6 +481,7 @@ async fn freeze_conversion(
         .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
     let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
+    tracing::Span::current().record("items", total);
     Ok((
         total,
         OutcomeDelta {

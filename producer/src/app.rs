@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn(problem_fallback))
         .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(crate::spans::http_layer())
         .with_state(state)
 }
 

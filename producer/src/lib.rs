@@ -12,6 +12,8 @@
 //! - [`fair`]: fair shares of the bulk lane, per agency then per batch.
 //! - [`retention`]: the pruner of finished batches' items, old keys and logs.
 //! - [`split`]: resumable, metered, fair splitting into messages.
+//! - [`spans`]: the request span (continuing the CRM's `traceparent`) and the split
+//!   chunks' spans (continuing the batch's stored context).
 //! - [`monitor`]: gauges for dashboards and autoscalers.
 //! - [`openapi`]: the generated OpenAPI document.
 //! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
@@ -32,6 +34,7 @@ pub mod problem;
 pub mod quota;
 pub mod retention;
 pub mod routes;
+pub mod spans;
 pub mod split;
 pub mod state;
 pub mod ui;

@@ -32,6 +32,9 @@
 //!   window is never lifted. The bound: the queues hold at most one ready copy of each
 //!   pending item beyond the original, plus what workers hold unacknowledged (at most
 //!   `amqp.prefetch` per worker and lane); an outage of any length adds nothing.
+//! - **Traced.** Each chunk is a `split.chunk` span in the trace its batch was accepted
+//!   under ([`crate::spans`]), and every message it publishes carries that span's
+//!   `traceparent` header.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,12 +49,14 @@ use bulkops_shared::db::stmt;
 use bulkops_shared::ids::BatchId;
 use bulkops_shared::messages::{Op, WorkMessage};
 use bulkops_shared::metrics::ProducerMetrics;
+use bulkops_shared::telemetry::propagation;
 use bulkops_shared::topology::Topology;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::fair;
 
@@ -102,6 +107,8 @@ struct OwnedBatch {
     total: i64,
     /// Bulk-lane messages in flight over all the agency's unfinished batches.
     agency_in_flight: i64,
+    /// The `traceparent` the batch was accepted under (traces on).
+    trace_context: Option<String>,
 }
 
 impl OwnedBatch {
@@ -250,7 +257,15 @@ impl Splitter {
             if room == 0 {
                 continue;
             }
-            published += self.publish_chunk(batch, room).await?;
+            let span = crate::spans::split_chunk(
+                batch.id,
+                batch.kind,
+                batch.agency_id,
+                batch.lane,
+                room,
+                batch.trace_context.as_deref(),
+            );
+            published += self.publish_chunk(batch, room).instrument(span).await?;
         }
         Ok((published, still_owned))
     }
@@ -270,7 +285,7 @@ impl Splitter {
             .query_all_raw(stmt(
                 "SELECT b.id, b.agency_id, b.kind, b.lane, b.split_next_seq, b.split_published,
                         b.n_presettled, b.n_created + b.n_converted + b.n_skipped + b.n_failed AS n_done,
-                        b.total, a.in_flight AS agency_in_flight
+                        b.total, a.in_flight AS agency_in_flight, b.trace_context
                    FROM bulk_batches b
                   CROSS JOIN LATERAL (
                     SELECT COALESCE(sum(GREATEST(o.split_published
@@ -302,6 +317,7 @@ impl Splitter {
                 done: r.try_get("", "n_done")?,
                 total,
                 agency_in_flight: r.try_get("", "agency_in_flight")?,
+                trace_context: r.try_get("", "trace_context")?,
             });
         }
         self.metrics.split_backlog.set(backlog);
@@ -338,10 +354,11 @@ impl Splitter {
         if !bodies.is_empty() {
             let queues = self.topology.work_queues(batch.lane);
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let props = json_properties().with_headers(headers(&[(
-                PUBLISHED_AT_HEADER,
-                AMQPValue::LongLongInt(now_ms),
-            )]));
+            let props =
+                json_properties().with_headers(propagation::with_traceparent(headers(&[(
+                    PUBLISHED_AT_HEADER,
+                    AMQPValue::LongLongInt(now_ms),
+                )])));
             let outgoing: Vec<Outgoing<'_>> = bodies
                 .iter()
                 .map(|(shard, body)| Outgoing {
@@ -376,10 +393,11 @@ impl Splitter {
                 ],
             ))
             .await?;
+        tracing::Span::current().record("items", bodies.len());
         if updated.rows_affected() == 0 {
-            tracing::warn!(batch_id = %batch.id, "split lease lost to another producer; it carries on");
+            tracing::warn!("split lease lost to another producer; it carries on");
         } else if exhausted {
-            tracing::info!(batch_id = %batch.id, "split finished");
+            tracing::info!("split finished");
         }
         self.metrics
             .split_published
@@ -443,7 +461,7 @@ impl Splitter {
         let rows = self
             .db
             .query_all_raw(stmt(
-                "SELECT id, kind, lane, resplit_generation FROM bulk_batches
+                "SELECT id, kind, lane, resplit_generation, trace_context FROM bulk_batches
                   WHERE completed_at IS NULL AND split_done_at IS NOT NULL
                     AND progress_at < clock_timestamp()
                         - make_interval(secs => $1 * power(2, least(resplit_generation, $2)))
@@ -463,6 +481,7 @@ impl Splitter {
                 BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
                 Lane::parse(&lane).unwrap_or(Lane::Bulk),
                 r.try_get::<i32>("", "resplit_generation")?,
+                r.try_get::<Option<String>>("", "trace_context")?,
             ));
         }
         let mut held_outage = 0;
@@ -493,7 +512,7 @@ impl Splitter {
             }
         }
         let mut ready: std::collections::HashMap<Lane, u64> = std::collections::HashMap::new();
-        for (id, kind, lane, generation) in stalled {
+        for (id, kind, lane, generation, trace_context) in stalled {
             let queued = match ready.get(&lane) {
                 Some(n) => *n,
                 None => {
@@ -527,7 +546,8 @@ impl Splitter {
             if claimed.rows_affected() == 0 {
                 continue;
             }
-            let n = self.republish(id, kind, lane).await?;
+            let span = crate::spans::republish(id, kind, lane, trace_context.as_deref());
+            let n = self.republish(id, kind, lane).instrument(span).await?;
             tracing::warn!(
                 batch_id = %id,
                 generation = generation + 1,
@@ -618,10 +638,11 @@ impl Splitter {
                 bodies.push(WorkMessage::new(op, id, seq, r.try_get("", "target_id")?).encode());
             }
             if !bodies.is_empty() {
-                let props = json_properties().with_headers(headers(&[(
-                    PUBLISHED_AT_HEADER,
-                    AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
-                )]));
+                let props =
+                    json_properties().with_headers(propagation::with_traceparent(headers(&[(
+                        PUBLISHED_AT_HEADER,
+                        AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+                    )])));
                 let outgoing: Vec<Outgoing<'_>> = bodies
                     .iter()
                     .map(|body| Outgoing {

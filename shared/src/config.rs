@@ -57,6 +57,21 @@ pub struct Settings {
     pub log: LogSettings,
     /// The operator console served by the producer under `/ui`.
     pub ui: UiSettings,
+    /// Traces, beyond what the standard `OTEL_*` variables say.
+    pub telemetry: TelemetrySettings,
+}
+
+/// `[telemetry]`: only what the standard `OTEL_*` environment does not cover. Export is
+/// off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see `telemetry::otel`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// Which spans are exported, as `tracing` filter directives (default `info`: every
+    /// span bulkops opens; `debug` adds the health and metrics requests). Independent of
+    /// `log.level`, so quiet logs keep full traces.
+    pub filter: String,
+    /// Longest the flush of queued spans may take at shutdown, in milliseconds (default
+    /// 3000), so that the exit stays within its bound when the collector is away.
+    pub flush_timeout_ms: u64,
 }
 
 /// `[database]`
@@ -421,6 +436,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("log.format", "text"),
     ("ui.enabled", "false"),
     ("ui.cookie_secure", "auto"),
+    ("telemetry.filter", "info"),
+    ("telemetry.flush_timeout_ms", "3000"),
 ];
 
 impl Settings {
@@ -641,6 +658,11 @@ impl Settings {
         }
         positive(self.outbox.batch_size, "outbox.batch_size")?;
         positive(self.outbox.poll_interval_ms, "outbox.poll_interval_ms")?;
+        if self.telemetry.flush_timeout_ms > 10_000 {
+            return Err(ConfigError::new(
+                "telemetry.flush_timeout_ms must be at most 10000 (the exit is bounded)",
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::new("log.format must be \"text\" or \"json\""));
         }

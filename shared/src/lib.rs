@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`config`]: typed, layered configuration (defaults, `config/default.toml`,
 //!   `BULKOPS_CONFIG`, `BULKOPS__SECTION__KEY`), validated at start-up.
-//! - [`telemetry`]: tracing to stderr.
+//! - [`telemetry`]: logs to stderr; OpenTelemetry traces over OTLP, and the W3C trace
+//!   context carried over HTTP, AMQP and the database.
 //! - [`ids`], [`batch`]: typed ids and the batch/item vocabulary (kinds, states, outcomes).
 //! - [`messages`]: the versioned per-record work message (ids only).
 //! - [`topology`]: AMQP names and their idempotent declaration.

@@ -11,6 +11,11 @@
 //! event carries a unique `event_id` (also the AMQP `message_id`) so consumers drop repeats.
 //! Rows are never selected by "id greater than the last seen", which skips rows whose
 //! transactions commit out of id order.
+//!
+//! With traces on, a row also holds the `traceparent` of the transaction that wrote it
+//! (the column defaults to the transaction's stamp, see [`crate::telemetry::propagation`]),
+//! and every event of the row carries it as an AMQP header. Each round that publishes is an
+//! `outbox.relay` span linked to the rows' contexts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{AmqpError, Outgoing, Publisher, json_properties, reconnect_backoff};
 use crate::db::stmt;
 use crate::metrics::OutboxMetrics;
+use crate::telemetry::propagation;
+use tracing::Instrument as _;
 
 /// Why a relay round failed. The round is retried; nothing is lost.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +160,7 @@ impl OutboxRelay {
         let tx = self.db.begin().await?;
         let rows = tx
             .query_all_raw(stmt(
-                "SELECT id, routing_key, events::text AS events, created_at FROM outbox
+                "SELECT id, routing_key, events::text AS events, created_at, traceparent FROM outbox
                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 [i64::try_from(self.batch_size).unwrap_or(i64::MAX).into()],
             ))
@@ -164,7 +171,8 @@ impl OutboxRelay {
             return Ok(0);
         }
         let mut ids = Vec::with_capacity(rows.len());
-        let mut rendered: Vec<(String, String, DateTime<Utc>)> = Vec::with_capacity(rows.len());
+        let mut rendered: Vec<(String, String, DateTime<Utc>, Option<String>)> =
+            Vec::with_capacity(rows.len());
         let mut oldest: Option<DateTime<Utc>> = None;
         for row in &rows {
             ids.push(row.try_get::<i64>("", "id")?);
@@ -172,30 +180,48 @@ impl OutboxRelay {
             let events: String = row.try_get("", "events")?;
             let created_at: DateTime<Utc> = row.try_get("", "created_at")?;
             oldest = Some(oldest.map_or(created_at, |o| o.min(created_at)));
-            rendered.push((routing_key, events, created_at));
+            let traceparent: Option<String> = row.try_get("", "traceparent")?;
+            rendered.push((routing_key, events, created_at, traceparent));
         }
-        // (routing key, body, event id, occurred at)
-        let mut messages: Vec<(&str, &str, String, DateTime<Utc>)> = Vec::new();
-        for (routing_key, events, at) in &rendered {
+        /// (routing key, body, event id, occurred at, trace context)
+        type Message<'a> = (&'a str, &'a str, String, DateTime<Utc>, Option<&'a str>);
+        let mut messages: Vec<Message<'_>> = Vec::new();
+        for (routing_key, events, at, traceparent) in &rendered {
             for (body, event_id) in split_events(events).map_err(|e| DbErr::Json(e.to_string()))? {
-                messages.push((routing_key, body, event_id, *at));
+                messages.push((routing_key, body, event_id, *at, traceparent.as_deref()));
             }
         }
         let outgoing: Vec<Outgoing<'_>> = messages
             .iter()
-            .map(|(key, body, event_id, at)| Outgoing {
+            .map(|(key, body, event_id, at, traceparent)| Outgoing {
                 exchange: &self.exchange,
                 routing_key: key,
                 body: body.as_bytes(),
-                properties: json_properties()
-                    .with_message_id(ShortString::from(event_id.as_str()))
-                    .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0)),
+                // The CRM's workflow engine continues the trace of the span that committed
+                // the event (stored on the row).
+                properties: propagation::traceparent_props(
+                    json_properties()
+                        .with_message_id(ShortString::from(event_id.as_str()))
+                        .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0)),
+                    *traceparent,
+                ),
                 // Events are routed by the CRM's bindings; with none bound the broker drops
                 // them, which is the CRM's configuration, not a failure to retry for ever.
                 mandatory: false,
             })
             .collect();
-        let published = self.publisher.publish_all(outgoing).await?;
+        let span = tracing::info_span!(
+            "outbox.relay",
+            otel.kind = "producer",
+            rows = rows.len(),
+            events = messages.len()
+        );
+        propagation::link_all(&span, rendered.iter().map(|r| r.3.as_deref()));
+        let published = self
+            .publisher
+            .publish_all(outgoing)
+            .instrument(span)
+            .await?;
         tx.execute_raw(stmt(
             "DELETE FROM outbox WHERE id = ANY($1::bigint[])",
             [ids.into()],

@@ -306,6 +306,23 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
         c.check(sel.items() <= pod["metadata"]["labels"].items(), f"{dname}: selector matches its pod labels")
         check_pod(f"Deployment/{dname}", pod, c, secret=secret, secret_keys=keys, config_map=fullname, probes=True,
                   optional_keys=[*redis_optional, "amqp-urls"])
+    # Traces: the standard OTEL_* environment on the producer and worker exactly when a
+    # collector is named; never on the migration hook.
+    otel = values.get("telemetry", {})
+    endpoint = otel.get("otlpEndpoint") or ""
+    for dname in (producer, worker):
+        d = deployments.get(dname)
+        if not d:
+            continue
+        env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        if endpoint:
+            c.check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint
+                    and env.get("OTEL_EXPORTER_OTLP_PROTOCOL") == otel.get("protocol", "http/protobuf")
+                    and env.get("OTEL_TRACES_SAMPLER") == otel.get("sampler", "parentbased_always_on")
+                    and env.get("OTEL_TRACES_SAMPLER_ARG") == (otel.get("samplerArg") or None),
+                    f"{dname}: OTEL_* follow telemetry (export on)")
+        else:
+            c.check(not any(k.startswith("OTEL_") for k in env), f"{dname}: no OTEL_* while telemetry.otlpEndpoint is empty")
     c.check("replicas" not in deployments.get(worker, {}).get("spec", {}) if (hpa or keda) else True,
             f"{worker}: no fixed replicas while an autoscaler owns the count")
 
@@ -328,6 +345,8 @@ def check_release(name: str, values: dict, release: dict, apis: list[str], c: Ch
     if job:
         ann = job["metadata"]["annotations"]
         c.check(ann.get("helm.sh/hook") == "pre-install,pre-upgrade", "Job hook pre-install,pre-upgrade")
+        job_env = job["spec"]["template"]["spec"]["containers"][0].get("env", [])
+        c.check(not any(e["name"].startswith("OTEL_") for e in job_env), "the migration hook exports no traces")
         c.check({"before-hook-creation", "hook-succeeded"} <= set(ann.get("helm.sh/hook-delete-policy", "").split(",")),
                 "Job hook-delete-policy before-hook-creation,hook-succeeded")
         ctr = job["spec"]["template"]["spec"]["containers"][0]
@@ -544,6 +563,10 @@ def main() -> int:
                    "must differ")
     expect_refusal(c, "an unknown ui.cookie_secure", merge(creds, {"config": {"ui": {"cookie_secure": "sometimes"}}}),
                    "cookie_secure")
+    expect_refusal(c, "an OTLP protocol this build lacks (gRPC)",
+                   merge(creds, {"telemetry": {"otlpEndpoint": "http://otel:4317", "protocol": "grpc"}}), "protocol")
+    expect_refusal(c, "an OTLP endpoint that is not a URL",
+                   merge(creds, {"telemetry": {"otlpEndpoint": "otel-collector:4318"}}), "otlpEndpoint")
 
     versions = {p: importlib.metadata.version(p) for p in ("helm-sdkpy", "kubernetes-validate", "PyYAML")}
     print()
@@ -557,7 +580,8 @@ def main() -> int:
           f"min_connections > max_connections, unknown config key, unknown Redis mode, cluster/sentinel "
           f"mode without nodes, nodes in standalone mode, a node that is no redis:// URL, KEDA without "
           f"Prometheus, a non-AMQP cluster node URL, bulk_queues out of range, the removed keda.queueLength, "
-          f"the console without an operator secret or with the JWT secret, an unknown ui.cookie_secure")
+          f"the console without an operator secret or with the JWT secret, an unknown ui.cookie_secure, "
+          f"an OTLP protocol other than http/protobuf or http/json, an OTLP endpoint that is no http(s) URL")
     print(f"  {total_valid} objects schema-validated, {total_skipped} CRD objects (ServiceMonitor, ScaledObject, "
           f"TriggerAuthentication) not schema-validated (no schemas shipped for them)")
     print(f"{c.passed} passed, {len(c.failures)} failed")

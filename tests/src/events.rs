@@ -30,6 +30,8 @@ pub struct Event {
     pub raw: String,
     /// The AMQP message id.
     pub message_id: Option<String>,
+    /// The `traceparent` header (traces on).
+    pub traceparent: Option<String>,
 }
 
 /// The captured events, in arrival order.
@@ -132,6 +134,10 @@ impl Events {
                             .message_id()
                             .as_ref()
                             .map(|m| m.as_str().to_owned()),
+                        traceparent: bulkops_shared::telemetry::propagation::amqp_traceparent(
+                            d.properties.headers().as_ref(),
+                        )
+                        .map(str::to_owned),
                     });
                     let _ = d.acker.ack(BasicAckOptions::default()).await;
                 }

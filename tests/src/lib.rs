@@ -13,6 +13,7 @@
 //! - [`console`]: the operator console's configuration, operators' tokens, a page client.
 //! - [`browser`]: a headless Chromium driven over WebDriver, for the console's test.
 //! - [`events`]: captured workflow events.
+//! - [`otlp`]: an OTLP/HTTP trace receiver the test runs itself.
 //! - [`fixture`]: CRM data builders.
 //! - [`check`]: history checks every scenario ends with.
 //! - [`proxy`]: a fault-injecting TCP proxy (and the switch a failover test repoints).
@@ -29,6 +30,7 @@ pub mod console;
 pub mod env;
 pub mod events;
 pub mod fixture;
+pub mod otlp;
 pub mod pg_cluster;
 pub mod process;
 pub mod proxy;

@@ -35,6 +35,7 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::acks::AckTracker;
 use crate::process::Processor;
@@ -249,7 +250,11 @@ async fn consume_on(
         let chunk_tracker = tracker.clone();
         tasks.spawn(async move {
             let n = chunk.len() as i64;
-            processor.process(lane, chunk, chunk_tracker).await;
+            let span = crate::spans::chunk(lane, &chunk);
+            processor
+                .process(lane, chunk, chunk_tracker)
+                .instrument(span)
+                .await;
             inflight.sub(n);
             drop(permit);
         });

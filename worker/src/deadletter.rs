@@ -26,6 +26,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::retry;
 
@@ -39,6 +40,8 @@ pub async fn record_failure(
     why: &str,
 ) -> Result<bool, DbErr> {
     let tx = db.begin().await?;
+    // A batch this completes announces it in the dead letter's trace.
+    bulkops_shared::telemetry::propagation::stamp_transaction(&tx).await?;
     let updated = tx
         .execute_raw(stmt(
             "UPDATE bulk_items SET status = 'failed', reason = $3, result_id = NULL,
@@ -135,7 +138,11 @@ async fn watch(
                 None => return Err(bulkops_shared::amqp::AmqpError::ConsumerEnded),
             },
         };
-        if handle(watcher, link.timeout(), delivery, &mut pauses).await {
+        let span = crate::spans::dead_letter(&delivery);
+        if handle(watcher, link.timeout(), delivery, &mut pauses)
+            .instrument(span)
+            .await
+        {
             pauses = failure_backoff();
         }
     }

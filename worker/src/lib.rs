@@ -16,6 +16,12 @@
 //! - [`deadletter`]: records the failure of dead-lettered items.
 //! - [`heartbeat`]: readiness written to `worker_heartbeats` for the operator console.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`spans`]: the chunk's span (linked to its messages' contexts) and the batch spans
+//!   under it (in the traces of the requests).
+
+// The chunk pipeline's futures, each wrapped in its span, nest deeper than the default
+// limit lets the compiler lay out.
+#![recursion_limit = "256"]
 
 pub mod acks;
 pub mod consumer;
@@ -30,6 +36,7 @@ pub mod outcomes;
 pub mod process;
 pub mod retry;
 pub mod server;
+pub mod spans;
 pub mod status;
 
 use std::sync::Arc;

@@ -8,7 +8,11 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string()),
     };
-    bulkops_shared::telemetry::init(&settings.log);
+    // Held to the end: dropping it flushes the spans still queued (bounded).
+    let _traces = match bulkops_shared::telemetry::init_service(&settings, "bulkops-worker") {
+        Ok(t) => t,
+        Err(e) => return fail(&e.to_string()),
+    };
     let shutdown = bulkops_shared::shutdown::on_signal();
     match bulkops_worker::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

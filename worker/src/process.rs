@@ -33,6 +33,7 @@ use bulkops_shared::topology::Topology;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use tracing::Instrument as _;
 
 use crate::acks::AckTracker;
 use crate::gate::{Acquired, LockGate};
@@ -138,7 +139,10 @@ impl Processor {
             }
         }
         for (batch_id, works) in by_batch {
-            self.process_batch(lane, batch_id, works).await;
+            let span = crate::spans::batch(batch_id, &works);
+            self.process_batch(lane, batch_id, works)
+                .instrument(span)
+                .await;
         }
     }
 
@@ -148,13 +152,13 @@ impl Processor {
             match self.meta.get(batch_id).await {
                 Ok(Some(meta)) => break meta,
                 Ok(None) => {
-                    tracing::warn!(batch_id = %batch_id, "message for a batch that does not exist");
+                    tracing::warn!("message for a batch that does not exist");
                     self.dead_letter(lane, works, "unknown_batch", "unknown_batch")
                         .await;
                     return;
                 }
                 Err(e) => match self
-                    .after_failure(Failure::from_db(&e), &mut budget, true, batch_id, &e)
+                    .after_failure(Failure::from_db(&e), &mut budget, true, &e)
                     .await
                 {
                     Then::Retry => continue,
@@ -165,6 +169,9 @@ impl Processor {
                 },
             }
         };
+        tracing::Span::current()
+            .record("kind", meta.kind.as_str())
+            .record("agency_id", meta.agency_id.0);
         let expected_op = match meta.kind {
             BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
             BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
@@ -172,7 +179,10 @@ impl Processor {
         let (works, wrong): (Vec<Work>, Vec<Work>) =
             works.into_iter().partition(|w| w.msg.op == expected_op);
         if !wrong.is_empty() {
-            tracing::warn!(batch_id = %batch_id, n = wrong.len(), "messages whose operation does not match their batch");
+            tracing::warn!(
+                n = wrong.len(),
+                "messages whose operation does not match their batch"
+            );
             self.dead_letter(lane, wrong, reason::ERROR, "wrong_operation")
                 .await;
         }
@@ -195,7 +205,7 @@ impl Processor {
                     Ok(m) => m,
                     Err(e) => {
                         match self
-                            .after_failure(Failure::from_db(&e), &mut budget, true, batch_id, &e)
+                            .after_failure(Failure::from_db(&e), &mut budget, true, &e)
                             .await
                         {
                             Then::Retry => continue,
@@ -227,6 +237,7 @@ impl Processor {
             let held_keys: HashSet<LockTarget> = match self
                 .gate
                 .acquire(&token, &keys, self.settings.lock_ttl(), &self.shutdown)
+                .instrument(tracing::info_span!("worker.lock", keys = keys.len()))
                 .await
             {
                 Ok(Acquired::Held(held)) => keys
@@ -306,7 +317,11 @@ impl Processor {
             }
             Err(Failure::Interrupted) => self.fail(lane, works, Failure::Interrupted).await,
             Err(failure) if works.len() > 1 => {
-                tracing::debug!(batch_id = %meta.id, class = failure.class(), n = works.len(), "chunk failed; splitting it to isolate the failure");
+                tracing::debug!(
+                    class = failure.class(),
+                    n = works.len(),
+                    "chunk failed; splitting it to isolate the failure"
+                );
                 let mut first = works;
                 let second = first.split_off(first.len() / 2);
                 Box::pin(self.commit_and_ack(lane, meta, first)).await;
@@ -373,7 +388,7 @@ impl Processor {
                 ))
             });
             match self
-                .after_failure(failure, &mut budget, items.len() == 1, meta.id, &detail)
+                .after_failure(failure, &mut budget, items.len() == 1, &detail)
                 .await
             {
                 Then::Retry => continue,
@@ -393,7 +408,6 @@ impl Processor {
         failure: Failure,
         budget: &mut impl Iterator<Item = Duration>,
         count: bool,
-        batch_id: BatchId,
         err: &sea_orm::DbErr,
     ) -> Then {
         self.metrics
@@ -411,12 +425,12 @@ impl Processor {
         }
         let Failure::Transient(class) = &failure else {
             if let Some(held) = self.logs.admit(failure.class()) {
-                tracing::warn!(batch_id = %batch_id, class = failure.class(), error = %err, repeats_since_last_line = held, "permanent database failure");
+                tracing::warn!(class = failure.class(), error = %err, repeats_since_last_line = held, "permanent database failure");
             }
             return Then::Stop(failure);
         };
         if let Some(held) = self.logs.admit(class) {
-            tracing::warn!(batch_id = %batch_id, class, error = %err, repeats_since_last_line = held, "transient failure the database probe does not explain; retrying with backoff, counted");
+            tracing::warn!(class, error = %err, repeats_since_last_line = held, "transient failure the database probe does not explain; retrying with backoff, counted");
         }
         if !count {
             return Then::Stop(failure);
@@ -476,6 +490,13 @@ impl Processor {
         }
     }
 
+    #[tracing::instrument(name = "worker.apply", skip_all, fields(
+        items = items.len(),
+        created = tracing::field::Empty,
+        converted = tracing::field::Empty,
+        skipped = tracing::field::Empty,
+        failed = tracing::field::Empty,
+    ))]
     async fn commit_unbounded(
         &self,
         meta: &BatchMeta,
@@ -499,6 +520,8 @@ impl Processor {
         if let Some(r) = tx.query_one_raw(first).await? {
             backend.store(r.try_get("", "pid")?, Ordering::SeqCst);
         }
+        // The events this transaction writes continue this span's trace.
+        bulkops_shared::telemetry::propagation::stamp_transaction(&tx).await?;
         let delta = match meta.kind {
             BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, items).await?,
             BatchKind::ConvertSalesRecords => {
@@ -506,10 +529,13 @@ impl Processor {
                 crate::convert::apply(&tx, meta, &seqs).await?
             }
         };
+        crate::spans::record_outcomes(&delta);
         let completed = record_outcomes(&tx, meta.id, delta).await?;
-        tx.commit().await?;
+        tx.commit()
+            .instrument(tracing::info_span!("worker.commit"))
+            .await?;
         if completed {
-            tracing::info!(batch_id = %meta.id, kind = meta.kind.as_str(), "batch completed");
+            tracing::info!("batch completed");
         }
         Ok(delta)
     }
@@ -615,7 +641,7 @@ impl Processor {
                     .with_label_values(&[reason])
                     .inc_by(n as u64);
                 for w in &works {
-                    tracing::warn!(batch_id = %w.msg.batch_id, seq = w.msg.seq, reason, class, "item dead-lettered");
+                    tracing::warn!(seq = w.msg.seq, reason, class, "item dead-lettered");
                 }
                 Settle::Ack
             }
@@ -636,7 +662,10 @@ impl Processor {
         match how {
             Settle::Ack => {
                 let tags: Vec<u64> = works.iter().map(|w| w.delivery.delivery_tag).collect();
-                tracker.ack(&tags).await;
+                tracker
+                    .ack(&tags)
+                    .instrument(tracing::info_span!("worker.ack", items = tags.len()))
+                    .await;
             }
             Settle::Requeue => {
                 // Give the failing dependency a moment before the messages come round again.

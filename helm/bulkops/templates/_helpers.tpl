@@ -157,8 +157,9 @@ Called with (dict "root" $ "keys" (list ...)).
 {{/*
 Environment of a bulkops container: BULKOPS_CONFIG, the secret keys it needs, those it reads
 when the Secret has them (optionalSecretKeys: amqp-urls, which an existingSecret may lack),
-and its extra variables. Called with (dict "root" $ "secretName" NAME "secretKeys" (list ...)
-"optionalSecretKeys" (list ...) "extraEnv" LIST).
+the standard OTEL_* variables of .Values.telemetry when "traced" (the producer and worker, once
+telemetry.otlpEndpoint is set), and its extra variables. Called with (dict "root" $ "secretName"
+NAME "secretKeys" (list ...) "optionalSecretKeys" (list ...) "extraEnv" LIST "traced" BOOL).
 */}}
 {{- define "bulkops.env" -}}
 {{- $names := include "bulkops.secretEnvNames" . | fromYaml -}}
@@ -178,6 +179,23 @@ and its extra variables. Called with (dict "root" $ "secretName" NAME "secretKey
       name: {{ $.secretName }}
       key: {{ . }}
       optional: true
+{{- end }}
+{{- $otel := .root.Values.telemetry | default dict }}
+{{- if and .traced $otel.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $otel.otlpEndpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $otel.protocol | default "http/protobuf" | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $otel.sampler | default "parentbased_always_on" | quote }}
+{{- with $otel.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- with $otel.resourceAttributes }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- with .extraEnv }}
 {{ toYaml . }}
@@ -330,7 +348,7 @@ spec:
           protocol: TCP
       {{- end }}
       env:
-        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "optionalSecretKeys" (default (list) .optionalSecretKeys) "extraEnv" $v.extraEnv) | nindent 8 }}
+        {{- include "bulkops.env" (dict "root" $root "secretName" .secretName "secretKeys" .secretKeys "optionalSecretKeys" (default (list) .optionalSecretKeys) "extraEnv" $v.extraEnv "traced" .traced) | nindent 8 }}
       {{- with $v.livenessProbe }}
       livenessProbe:
         {{- toYaml . | nindent 8 }}
