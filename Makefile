@@ -67,12 +67,12 @@ clean: ## Remove build output
 
 N ?= 100000
 BIG ?= 1000000
-RUNS ?= 5
+RUNS ?= 3
 
 .PHONY: bench
-bench: ## Benchmark against the set-based limit (N=100000 Individuals, BIG=1000000, RUNS=5 medians); writes docs/PERFORMANCE.md
+bench: ## Benchmark against the set-based limit (N=100000 Individuals, BIG=1000000, RUNS=3 medians; BIG=0 skips the big run, N=… ARGS="--env KEY=VALUE" measures a variant); writes docs/PERFORMANCE.md
 	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-tests --bin bulkops-bench --bin bulkops-producer --bin bulkops-worker
-	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --individuals $(N) --big $(BIG) --runs $(RUNS)
+	BULKOPS_BIN_DIR=target/release target/release/bulkops-bench --individuals $(N) --big $(BIG) --runs $(RUNS) $(ARGS)
 
 CLUSTER_N ?= 200000
 CLUSTER_BENCH_RUNS ?= 3

@@ -11,6 +11,7 @@
 //! - [`process`]: spawned programs (start, signal, logs).
 //! - [`api`]: an HTTP client for the producer's API.
 //! - [`console`]: the operator console's configuration, operators' tokens, a page client.
+//! - [`cost`]: CPU seconds and peak memory per process (PostgreSQL, brokers, bulkops) for the benchmarks.
 //! - [`browser`]: a headless Chromium driven over WebDriver, for the console's test.
 //! - [`events`]: captured workflow events.
 //! - [`otlp`]: an OTLP/HTTP trace receiver the test runs itself.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod browser;
 pub mod check;
 pub mod console;
+pub mod cost;
 pub mod env;
 pub mod events;
 pub mod fixture;

@@ -9,10 +9,17 @@
 //!    and 2 workers;
 //! c. accepting a 1,000,000-item bulk create: time to the 202, the split's messages/s
 //!    against a plain lapin publish loop with confirms of the same messages to the same kind
-//!    of queue, and the producer's peak RSS;
+//!    of queue, and the producer's peak RSS; then the same request end to end with two
+//!    workers (records/s, time to the 202, every process's peak memory and CPU);
 //! d. fairness: while that batch is processed, single-record conversions and 10-Individual
 //!    bulk creates of another agency (p50, p95 over 20 each);
-//! e. the workers' peak RSS and CPU seconds per 1,000 records.
+//! e. the workers' peak RSS and CPU seconds per 1,000 records;
+//!
+//! and the cost table: CPU seconds per 1,000 records created for each process
+//! (PostgreSQL, RabbitMQ, Redis, producer, workers; [`bulkops_tests::cost`]) for the
+//! set-based limit, bulkops with 1 and 2 workers and the big run, with each total as a
+//! ratio to the limit's. `--big 0` skips c and d; `--conversions 0` skips b; `--env
+//! KEY=VALUE` (repeatable) runs every bulkops process with a configuration variant.
 //!
 //! `--fairness` (`make bench-fairness`) runs only f.: two agencies, one with 4 batches of
 //! `--fair-items` (50,000) items and one with 1, submitted together, with the default
@@ -39,6 +46,7 @@ use anyhow::{Context, bail};
 use bulkops_shared::db::stmt;
 use bulkops_shared::mapping::{CREATE_FIELDS, create_copied_types, insert_lists};
 use bulkops_tests::api::{Api, token};
+use bulkops_tests::cost::{Group, Meter, Usage};
 use bulkops_tests::env::{
     SECRET, amqp_url, ensure_queue_expiry, pg_server, redis_url, release_amqp,
 };
@@ -63,6 +71,9 @@ struct Args {
     cluster: bool,
     fairness: bool,
     fair_items: i64,
+    /// Extra environment for every bulkops process (`--env KEY=VALUE`, repeatable): to
+    /// measure a configuration variant against the defaults.
+    env: Vec<(&'static str, String)>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -75,6 +86,7 @@ fn args() -> anyhow::Result<Args> {
         cluster: false,
         fairness: false,
         fair_items: 50_000,
+        env: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -94,6 +106,14 @@ fn args() -> anyhow::Result<Args> {
             "--runs" => a.runs = value.parse()?,
             "--out" => a.out = value,
             "--fair-items" => a.fair_items = value.parse()?,
+            "--env" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .with_context(|| format!("--env {value}: KEY=VALUE"))?;
+                // Leaked once per flag: the deployments take `&'static str` keys.
+                a.env
+                    .push((Box::leak(k.to_owned().into_boxed_str()), v.to_owned()));
+            }
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -289,6 +309,50 @@ impl Deployment {
         .await;
         let _ = conn.close(200, "done".into()).await;
         Ok(())
+    }
+
+    /// Starts measuring what each process costs from now on.
+    async fn meter(&self) -> Meter {
+        let producer = self.producer.lock().await.pid;
+        let mut workers = Vec::new();
+        for w in &self.workers {
+            workers.push(w.lock().await.pid);
+        }
+        Meter::start(vec![producer], workers)
+    }
+
+    /// Chunks the workers ran and their mean size (deliveries per transaction) and mean
+    /// duration, from their metrics.
+    async fn chunk_stats(&self) -> (f64, f64, f64) {
+        let (mut items, mut chunks, mut secs) = (0.0, 0.0, 0.0);
+        for w in &self.workers {
+            let Some(addr) = w.lock().await.addr.clone() else {
+                continue;
+            };
+            let Ok(reply) = reqwest::get(format!("http://{addr}/metrics")).await else {
+                continue;
+            };
+            let text = reply.text().await.unwrap_or_default();
+            for line in text.lines() {
+                let mut parts = line.split_whitespace();
+                let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                let v: f64 = value.parse().unwrap_or(0.0);
+                if name == "bulkops_chunk_items_sum" {
+                    items += v;
+                } else if name == "bulkops_chunk_items_count" {
+                    chunks += v;
+                } else if name.starts_with("bulkops_chunk_duration_seconds_sum") {
+                    secs += v;
+                }
+            }
+        }
+        (
+            chunks,
+            items / chunks.max(1.0),
+            1000.0 * secs / chunks.max(1.0),
+        )
     }
 
     async fn workers_usage(&self) -> (u64, f64) {
@@ -930,6 +994,7 @@ async fn cluster_bench(a: &Args) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
     let mut r = Report::default();
+    let mut costs: Vec<(String, [f64; 5])> = Vec::new();
     let bin = bulkops_tests::process::bin_dir();
     println!("bulkops-bench: binaries from {}", bin.display());
     for p in ["bulkops-producer", "bulkops-worker"] {
@@ -967,14 +1032,21 @@ async fn main() -> anyhow::Result<()> {
         seed_create_template("bulkops_bench_create", a.individuals).await?;
     let mut limit_secs = Vec::new();
     let mut limit_created = 0;
+    let mut limit_cost = Vec::new();
     for _ in 0..a.runs {
         let db = clone_db("bulkops_bench_create", "bulkops_bench_run").await?;
+        let meter = Meter::start(Vec::new(), Vec::new());
         let (secs, created) = limit_create(&db, agency, record_type).await?;
+        limit_cost.push(meter.stop().await);
         limit_secs.push(secs);
         limit_created = created;
         db.close().await?;
     }
     let limit_rate = limit_created as f64 / median(limit_secs.clone());
+    costs.push((
+        "set-based limit".into(),
+        per_thousand(&limit_cost, limit_created),
+    ));
     r.row(
         "a. set-based limit: one SQL transaction (rules 4–6)",
         format!("{limit_rate:.0} rec/s"),
@@ -986,19 +1058,23 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut worker_cpu_per_k = Vec::new();
     let mut worker_rss = 0_u64;
+    let mut rate_by_workers = Vec::new();
     for workers in [1, 2] {
         let mut secs = Vec::new();
         let mut created = 0;
+        let mut usage = Vec::new();
+        let mut chunk_notes = Vec::new();
         for run in 0..a.runs {
             let db = clone_db("bulkops_bench_create", "bulkops_bench_run").await?;
             let d = deploy(
                 "bulkops_bench_run",
                 workers,
-                &[],
+                &a.env,
                 &format!("create-{workers}-{run}"),
             )
             .await?;
             let t = token(admin_user, agency);
+            let meter = d.meter().await;
             let started = Instant::now();
             let batch = d
                 .api
@@ -1006,7 +1082,10 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             let (_, n) = wait_batch(&db, batch, "n_created").await?;
             secs.push(started.elapsed().as_secs_f64());
+            usage.push(meter.stop().await);
             created = n;
+            let (chunks, mean, ms) = d.chunk_stats().await;
+            chunk_notes.push(format!("{chunks:.0} chunks of {mean:.0} in {ms:.0} ms"));
             let (rss, cpu) = d.workers_usage().await;
             worker_rss = worker_rss.max(rss);
             if workers == 2 {
@@ -1016,243 +1095,292 @@ async fn main() -> anyhow::Result<()> {
             db.close().await?;
         }
         let rate = created as f64 / median(secs.clone());
+        rate_by_workers.push(rate);
+        costs.push((
+            format!("bulkops, {workers} worker(s)"),
+            per_thousand(&usage, created),
+        ));
         r.row(
             &format!("a. bulkops bulk create, {workers} worker(s), request → completed"),
             format!("{rate:.0} rec/s"),
             format!(
-                "{:.0} % of the limit; {created} created in {:.2} s (median)",
+                "{:.0} % of the limit (target ≥ 60 %); {created} created in {:.2} s (median); chunks per run: {}",
                 100.0 * rate / limit_rate,
-                median(secs)
+                median(secs),
+                chunk_notes.join(", ")
             ),
+        );
+    }
+    if let [one, two] = rate_by_workers[..] {
+        r.row(
+            "a. 2 workers against 1",
+            format!("{:.0} %", 100.0 * two / one),
+            "target ≥ 100 % (two workers no slower than one)".into(),
         );
     }
     drop_db("bulkops_bench_run").await?;
 
     // b. conversion
-    println!("seeding {} Sales Records with children …", a.conversions);
-    let ct = seed_convert_template("bulkops_bench_convert", a.conversions).await?;
-    let mut lsecs = Vec::new();
-    let mut lconv = 0;
-    for _ in 0..a.runs {
-        let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
-        let (secs, n) = limit_convert(&db, &ct).await?;
-        lsecs.push(secs);
-        lconv = n;
-        db.close().await?;
-    }
-    let conv_limit = lconv as f64 / median(lsecs.clone());
-    r.row(
-        "b. set-based limit: conversion in one transaction",
-        format!("{conv_limit:.0} rec/s"),
-        format!("{lconv} converted in {:.2} s (median)", median(lsecs)),
-    );
-    for workers in [1, 2] {
-        let mut secs = Vec::new();
-        let mut n = 0;
-        for run in 0..a.runs {
+    if a.conversions > 0 {
+        println!("seeding {} Sales Records with children …", a.conversions);
+        let ct = seed_convert_template("bulkops_bench_convert", a.conversions).await?;
+        let mut lsecs = Vec::new();
+        let mut lconv = 0;
+        for _ in 0..a.runs {
             let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
-            let d = deploy(
-                "bulkops_bench_run",
-                workers,
-                &[],
-                &format!("convert-{workers}-{run}"),
-            )
-            .await?;
-            let started = Instant::now();
-            let batch = d.api.convert(&token(ct.admin, ct.agency), &ct.ids).await?;
-            let (_, c) = wait_batch(&db, batch, "n_converted").await?;
-            secs.push(started.elapsed().as_secs_f64());
-            n = c;
-            let (rss, _) = d.workers_usage().await;
-            worker_rss = worker_rss.max(rss);
-            d.stop().await?;
+            let (secs, n) = limit_convert(&db, &ct).await?;
+            lsecs.push(secs);
+            lconv = n;
             db.close().await?;
         }
-        let rate = n as f64 / median(secs.clone());
+        let conv_limit = lconv as f64 / median(lsecs.clone());
         r.row(
+            "b. set-based limit: conversion in one transaction",
+            format!("{conv_limit:.0} rec/s"),
+            format!("{lconv} converted in {:.2} s (median)", median(lsecs)),
+        );
+        for workers in [1, 2] {
+            let mut secs = Vec::new();
+            let mut n = 0;
+            let mut chunk_notes = Vec::new();
+            for run in 0..a.runs {
+                let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
+                let d = deploy(
+                    "bulkops_bench_run",
+                    workers,
+                    &a.env,
+                    &format!("convert-{workers}-{run}"),
+                )
+                .await?;
+                let started = Instant::now();
+                let batch = d.api.convert(&token(ct.admin, ct.agency), &ct.ids).await?;
+                let (_, c) = wait_batch(&db, batch, "n_converted").await?;
+                secs.push(started.elapsed().as_secs_f64());
+                n = c;
+                let (chunks, mean, ms) = d.chunk_stats().await;
+                chunk_notes.push(format!("{chunks:.0} chunks of {mean:.0} in {ms:.0} ms"));
+                let (rss, _) = d.workers_usage().await;
+                worker_rss = worker_rss.max(rss);
+                d.stop().await?;
+                db.close().await?;
+            }
+            let rate = n as f64 / median(secs.clone());
+            r.row(
             &format!("b. bulkops conversion, {workers} worker(s), request → completed"),
             format!("{rate:.0} rec/s"),
             format!(
-                "{:.0} % of the limit; {n} converted in {:.2} s (median)",
+                "{:.0} % of the limit (target ≥ 70 %); {n} converted in {:.2} s (median); chunks per run: {}",
                 100.0 * rate / conv_limit,
-                median(secs)
+                median(secs),
+                chunk_notes.join(", ")
             ),
         );
-    }
-    // b'. one conversion at a time on an idle system (what an agent watching the modal sees)
-    {
-        let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
-        let d = deploy("bulkops_bench_run", 2, &[], "convert-single").await?;
-        let t = token(ct.admin, ct.agency);
-        let mut lat = Vec::new();
-        for id in ct.ids.iter().take(50) {
-            let started = Instant::now();
-            let b = d.api.convert(&t, &[*id]).await?;
-            wait_batch(&db, b, "n_converted").await?;
-            lat.push(started.elapsed().as_secs_f64());
         }
-        r.row(
-            "b. single-record conversion, idle system, request → completed",
-            format!("p50 {:.0} ms", 1000.0 * percentile(lat.clone(), 0.5)),
-            format!(
-                "p95 {:.0} ms over {} runs",
-                1000.0 * percentile(lat.clone(), 0.95),
-                lat.len()
-            ),
-        );
-        d.stop().await?;
-        db.close().await?;
+        // b'. one conversion at a time on an idle system (what an agent watching the modal sees)
+        {
+            let db = clone_db("bulkops_bench_convert", "bulkops_bench_run").await?;
+            let d = deploy("bulkops_bench_run", 2, &[], "convert-single").await?;
+            let t = token(ct.admin, ct.agency);
+            let mut lat = Vec::new();
+            for id in ct.ids.iter().take(50) {
+                let started = Instant::now();
+                let b = d.api.convert(&t, &[*id]).await?;
+                wait_batch(&db, b, "n_converted").await?;
+                lat.push(started.elapsed().as_secs_f64());
+            }
+            r.row(
+                "b. single-record conversion, idle system, request → completed",
+                format!("p50 {:.0} ms", 1000.0 * percentile(lat.clone(), 0.5)),
+                format!(
+                    "p95 {:.0} ms over {} runs",
+                    1000.0 * percentile(lat.clone(), 0.95),
+                    lat.len()
+                ),
+            );
+            d.stop().await?;
+            db.close().await?;
+        }
+        drop_db("bulkops_bench_run").await?;
+        drop_db("bulkops_bench_convert").await?;
     }
-    drop_db("bulkops_bench_run").await?;
-    drop_db("bulkops_bench_convert").await?;
 
     // c. the 1,000,000-item request
-    println!("seeding {} Individuals for the big batch …", a.big);
-    let (big_agency, big_admin, big_type) =
-        seed_create_template("bulkops_bench_big", a.big).await?;
-    let (small_agency, small_admin, small_type, leads) =
-        seed_fairness_agency("bulkops_bench_big").await?;
-    {
-        let db = clone_db("bulkops_bench_big", "bulkops_bench_run").await?;
-        let d = deploy(
-            "bulkops_bench_run",
-            0,
-            &[("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", "0".into())],
-            "accept-big",
-        )
-        .await?;
-        let started = Instant::now();
-        let reply = d
-            .api
-            .post(
-                "/v1/bulk/sales-records",
-                &token(big_admin, big_agency),
-                &json!({"filter": {}, "record_type_id": big_type}),
+    let mut big_usage: Option<(Usage, i64)> = None;
+    if a.big > 0 {
+        println!("seeding {} Individuals for the big batch …", a.big);
+        let (big_agency, big_admin, big_type) =
+            seed_create_template("bulkops_bench_big", a.big).await?;
+        let (small_agency, small_admin, small_type, leads) =
+            seed_fairness_agency("bulkops_bench_big").await?;
+        {
+            let db = clone_db("bulkops_bench_big", "bulkops_bench_run").await?;
+            let d = deploy(
+                "bulkops_bench_run",
+                0,
+                &[("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", "0".into())],
+                "accept-big",
             )
             .await?;
-        let to_202 = started.elapsed().as_secs_f64();
-        if reply.status != reqwest::StatusCode::ACCEPTED {
-            bail!("big request answered {}: {}", reply.status, reply.text);
-        }
-        let batch = reply.json["batch_id"].as_i64().context("batch id")?;
-        let total = reply.json["total"].as_i64().unwrap_or(0);
-        r.row(
-            "c. 1,000,000-item bulk create: time to the 202",
-            format!("{to_202:.2} s"),
-            format!("{total} items frozen (target < 10 s)"),
-        );
-        let (published, split_secs) = loop {
-            let row = db
+            let started = Instant::now();
+            let reply = d
+                .api
+                .post(
+                    "/v1/bulk/sales-records",
+                    &token(big_admin, big_agency),
+                    &json!({"filter": {}, "record_type_id": big_type}),
+                )
+                .await?;
+            let to_202 = started.elapsed().as_secs_f64();
+            if reply.status != reqwest::StatusCode::ACCEPTED {
+                bail!("big request answered {}: {}", reply.status, reply.text);
+            }
+            let batch = reply.json["batch_id"].as_i64().context("batch id")?;
+            let total = reply.json["total"].as_i64().unwrap_or(0);
+            r.row(
+                "c. 1,000,000-item bulk create: time to the 202",
+                format!("{to_202:.2} s"),
+                format!("{total} items frozen (target < 10 s)"),
+            );
+            let (published, split_secs) = loop {
+                let row = db
                 .query_one_raw(stmt(
                     "SELECT split_published, EXTRACT(EPOCH FROM split_done_at - started_at)::float8 AS secs
                        FROM bulk_batches WHERE id = $1 AND split_done_at IS NOT NULL",
                     [batch.into()],
                 ))
                 .await?;
-            if let Some(row) = row {
-                break (
-                    row.try_get::<i64>("", "split_published")?,
-                    row.try_get::<f64>("", "secs")?,
-                );
-            }
-            if started.elapsed() > Duration::from_secs(1200) {
-                bail!("split did not finish");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let split_rate = published as f64 / split_secs;
-        let (producer_rss, _) = proc_usage(d.producer.lock().await.pid);
-        d.stop().await?;
-        db.close().await?;
-        let plain = plain_publish_loop(published, 2000).await?;
-        r.row(
+                if let Some(row) = row {
+                    break (
+                        row.try_get::<i64>("", "split_published")?,
+                        row.try_get::<f64>("", "secs")?,
+                    );
+                }
+                if started.elapsed() > Duration::from_secs(1200) {
+                    bail!("split did not finish");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let split_rate = published as f64 / split_secs;
+            let (producer_rss, _) = proc_usage(d.producer.lock().await.pid);
+            d.stop().await?;
+            db.close().await?;
+            let plain = plain_publish_loop(published, 2000).await?;
+            r.row(
             "c. split: messages/s (published and confirmed)",
             format!("{split_rate:.0} msg/s"),
             format!("{published} messages in {split_secs:.1} s; {:.0} % of the plain loop (target ≥ 70 %)", 100.0 * split_rate / plain),
         );
-        r.row(
-            "c. plain lapin publish loop with confirms, same messages",
-            format!("{plain:.0} msg/s"),
-            "window 2000, quorum queue".into(),
-        );
-        r.row(
-            "c. producer peak RSS",
-            format!("{:.0} MB", producer_rss as f64 / 1024.0),
-            "target < 150 MB".into(),
-        );
-    }
+            r.row(
+                "c. plain lapin publish loop with confirms, same messages",
+                format!("{plain:.0} msg/s"),
+                "window 2000, quorum queue".into(),
+            );
+            r.row(
+                "c. producer peak RSS",
+                format!("{:.0} MB", producer_rss as f64 / 1024.0),
+                "target < 150 MB".into(),
+            );
+        }
 
-    // d. fairness
-    {
-        let db = clone_db("bulkops_bench_big", "bulkops_bench_run").await?;
-        let d = deploy("bulkops_bench_run", 2, &[], "fairness").await?;
-        let big = d
-            .api
-            .bulk_create(
-                &token(big_admin, big_agency),
-                &json!({"filter": {}, "record_type_id": big_type}),
-            )
-            .await?;
-        // Let the big batch get going.
-        loop {
-            let row = db
+        // c'. the same request end to end with two workers; d. fairness under it.
+        {
+            let db = clone_db("bulkops_bench_big", "bulkops_bench_run").await?;
+            let d = deploy("bulkops_bench_run", 2, &a.env, "big").await?;
+            let meter = d.meter().await;
+            let started = Instant::now();
+            let reply = d
+                .api
+                .post(
+                    "/v1/bulk/sales-records",
+                    &token(big_admin, big_agency),
+                    &json!({"filter": {}, "record_type_id": big_type}),
+                )
+                .await?;
+            let to_202 = started.elapsed().as_secs_f64();
+            if reply.status != reqwest::StatusCode::ACCEPTED {
+                bail!("big request answered {}: {}", reply.status, reply.text);
+            }
+            let big = reply.json["batch_id"].as_i64().context("batch id")?;
+            // Let the big batch get going.
+            loop {
+                let row = db
+                    .query_one_raw(stmt(
+                        "SELECT n_created AS n FROM bulk_batches WHERE id = $1",
+                        [big.into()],
+                    ))
+                    .await?
+                    .context("batch")?;
+                if row.try_get::<i64>("", "n")? >= 20_000 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let t = token(small_admin, small_agency);
+            let mut conv = Vec::new();
+            for id in leads.iter().take(20) {
+                let started = Instant::now();
+                let b = d.api.convert(&t, &[*id]).await?;
+                wait_batch(&db, b, "n_converted").await?;
+                conv.push(started.elapsed().as_secs_f64());
+            }
+            let mut small = Vec::new();
+            for k in 1..=20 {
+                let started = Instant::now();
+                let b = d
+                .api
+                .bulk_create(&t, &json!({"filter": {"individual": {"county": [format!("County-{k}")]}}, "record_type_id": small_type}))
+                .await?;
+                wait_batch(&db, b, "n_created").await?;
+                small.push(started.elapsed().as_secs_f64());
+            }
+            let progress = db
                 .query_one_raw(stmt(
                     "SELECT n_created AS n FROM bulk_batches WHERE id = $1",
                     [big.into()],
                 ))
                 .await?
-                .context("batch")?;
-            if row.try_get::<i64>("", "n")? >= 20_000 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+                .context("batch")?
+                .try_get::<i64>("", "n")?;
+            let (_, created) = wait_batch(&db, big, "n_created").await?;
+            let secs = started.elapsed().as_secs_f64();
+            let usage = meter.stop().await;
+            r.row(
+                &format!(
+                    "c. {}-Individual bulk create end to end, 2 workers, request → completed",
+                    a.big
+                ),
+                format!("{:.0} rec/s", created as f64 / secs),
+                format!(
+                    "{created} created in {secs:.1} s; 202 after {to_202:.2} s; peak memory: {}",
+                    Group::ALL
+                        .iter()
+                        .map(|g| format!("{} {:.0} MB", g.label(), usage.peak_of(*g)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            big_usage = Some((usage, created));
+            r.row(
+                "d. single conversion of another agency, under the big batch",
+                format!("p50 {:.2} s", percentile(conv.clone(), 0.5)),
+                format!("p95 {:.2} s (target < 2 s)", percentile(conv, 0.95)),
+            );
+            r.row(
+                "d. 10-Individual bulk create of another agency, under it",
+                format!("p50 {:.2} s", percentile(small.clone(), 0.5)),
+                format!(
+                    "p95 {:.2} s (target < 5 s); the big batch had created {progress} meanwhile",
+                    percentile(small, 0.95)
+                ),
+            );
+            let (rss, _) = d.workers_usage().await;
+            worker_rss = worker_rss.max(rss);
+            d.stop().await?;
+            db.close().await?;
         }
-        let t = token(small_admin, small_agency);
-        let mut conv = Vec::new();
-        for id in leads.iter().take(20) {
-            let started = Instant::now();
-            let b = d.api.convert(&t, &[*id]).await?;
-            wait_batch(&db, b, "n_converted").await?;
-            conv.push(started.elapsed().as_secs_f64());
-        }
-        let mut small = Vec::new();
-        for k in 1..=20 {
-            let started = Instant::now();
-            let b = d
-                .api
-                .bulk_create(&t, &json!({"filter": {"individual": {"county": [format!("County-{k}")]}}, "record_type_id": small_type}))
-                .await?;
-            wait_batch(&db, b, "n_created").await?;
-            small.push(started.elapsed().as_secs_f64());
-        }
-        let progress = db
-            .query_one_raw(stmt(
-                "SELECT n_created AS n FROM bulk_batches WHERE id = $1",
-                [big.into()],
-            ))
-            .await?
-            .context("batch")?
-            .try_get::<i64>("", "n")?;
-        r.row(
-            "d. single conversion of another agency, under the big batch",
-            format!("p50 {:.2} s", percentile(conv.clone(), 0.5)),
-            format!("p95 {:.2} s (target < 2 s)", percentile(conv, 0.95)),
-        );
-        r.row(
-            "d. 10-Individual bulk create of another agency, under it",
-            format!("p50 {:.2} s", percentile(small.clone(), 0.5)),
-            format!(
-                "p95 {:.2} s (target < 5 s); the big batch had created {progress} meanwhile",
-                percentile(small, 0.95)
-            ),
-        );
-        let (rss, _) = d.workers_usage().await;
-        worker_rss = worker_rss.max(rss);
-        d.stop().await?;
-        db.close().await?;
+        drop_db("bulkops_bench_run").await?;
+        drop_db("bulkops_bench_big").await?;
     }
-    drop_db("bulkops_bench_run").await?;
-    drop_db("bulkops_bench_big").await?;
     drop_db("bulkops_bench_create").await?;
 
     // e. worker resources
@@ -1267,16 +1395,88 @@ async fn main() -> anyhow::Result<()> {
         "sum over both workers".into(),
     );
 
+    // The cost table.
+    if let Some((usage, created)) = big_usage {
+        costs.push((
+            format!("{created} created, 2 workers (c)"),
+            per_thousand(&[usage], created),
+        ));
+    }
+    let cost_md = cost_table(&costs);
+    println!("\nCPU seconds per 1,000 records created (bulk create of part a):\n\n{cost_md}");
+
     // The report.
     let out = workspace_root().join(&a.out);
     let stamp = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+    let variant = if a.env.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", with {}",
+            a.env
+                .iter()
+                .map(|(k, v)| format!("`{k}={v}`"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    };
     let body = format!(
-        "Measured {stamp} on this 2-core machine with `make bench` (N={}, {} runs each, medians):\n\n{}",
+        "Measured {stamp} on this 2-core machine with `make bench` (N={}, BIG={}, {} runs each, medians{variant}):\n\n{}\n\
+         CPU seconds per 1,000 records created, per process (`utime + stime` from `/proc`, medians of the runs; \
+         PostgreSQL is the sum over all its processes, so on a shared machine it includes other work):\n\n{cost_md}",
         a.individuals,
+        a.big,
         a.runs,
         table(&r.rows)
     );
     write_section(&out, "bench", &body)?;
     println!("\nwrote {}", out.display());
     Ok(())
+}
+
+/// Each group's CPU seconds per 1,000 records: the median over the runs.
+fn per_thousand(runs: &[Usage], records: i64) -> [f64; 5] {
+    let k = (records.max(1)) as f64 / 1000.0;
+    let mut out = [0.0; 5];
+    for (i, g) in Group::ALL.iter().enumerate() {
+        out[i] = median(runs.iter().map(|u| u.cpu_of(*g) / k).collect());
+    }
+    out
+}
+
+/// The cost table: a row per process, a column per measurement, then the totals and each
+/// total as a ratio to the set-based limit's (the first column).
+fn cost_table(costs: &[(String, [f64; 5])]) -> String {
+    let mut t = String::new();
+    let _ = write!(t, "| process |");
+    for (name, _) in costs {
+        let _ = write!(t, " {name} |");
+    }
+    let _ = write!(t, "\n|---|");
+    for _ in costs {
+        let _ = write!(t, "---:|");
+    }
+    t.push('\n');
+    for (i, g) in Group::ALL.iter().enumerate() {
+        let _ = write!(t, "| {} |", g.label());
+        for (_, c) in costs {
+            let _ = write!(t, " {:.3} |", c[i]);
+        }
+        t.push('\n');
+    }
+    let totals: Vec<f64> = costs.iter().map(|(_, c)| c.iter().sum()).collect();
+    let _ = write!(t, "| **total** |");
+    for v in &totals {
+        let _ = write!(t, " **{v:.3}** |");
+    }
+    let _ = write!(t, "\n| total / the limit's |");
+    for v in &totals {
+        let _ = write!(
+            t,
+            " {:.1}× |",
+            v / totals.first().copied().unwrap_or(f64::NAN)
+        );
+    }
+    t.push('\n');
+    t
 }
