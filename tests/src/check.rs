@@ -363,6 +363,16 @@ pub struct Tally {
     pub partial: i64,
 }
 
+/// Several batches' tallies make one scenario's tally.
+impl std::ops::AddAssign for Tally {
+    fn add_assign(&mut self, other: Tally) {
+        self.items += other.items;
+        self.lost += other.lost;
+        self.duplicated += other.duplicated;
+        self.partial += other.partial;
+    }
+}
+
 async fn event_ids(
     env: &TestEnv,
     routing_key: &str,
