@@ -7,7 +7,7 @@
 #   docker build --target migrate  -t bulkops-migrate  .   # bulkops-migrate up (then exits)
 #
 # Every image holds all four programs (bulkops-producer, bulkops-worker, bulkops-migrate and
-# the operator CLI `bulkops`) under /usr/local/bin and config/default.toml at
+# the operator CLI `bulkops`, from the bulkops-cli crate) under /usr/local/bin and config/default.toml at
 # /app/config/default.toml; only the entrypoint differs, so `kubectl exec` into any pod can
 # run `bulkops batch show ID`. They run as uid 10001 on a read-only root filesystem.
 #
@@ -33,10 +33,13 @@ COPY shared/Cargo.toml shared/
 COPY migrations/Cargo.toml migrations/
 COPY producer/Cargo.toml producer/
 COPY worker/Cargo.toml worker/
+COPY cli/Cargo.toml cli/
 COPY tests/Cargo.toml tests/
 RUN for stub in shared/src/lib.rs migrations/src/lib.rs migrations/src/main.rs \
-                producer/src/lib.rs producer/src/main.rs producer/src/bin/bulkops.rs \
-                worker/src/lib.rs worker/src/main.rs tests/src/lib.rs tests/tests/e2e/main.rs; do \
+                producer/src/lib.rs producer/src/main.rs cli/src/lib.rs cli/src/main.rs \
+                worker/src/lib.rs worker/src/main.rs tests/src/lib.rs tests/tests/e2e/main.rs \
+                tests/tests/faults/main.rs tests/tests/cluster/main.rs \
+                tests/src/bin/bench.rs tests/src/bin/load.rs; do \
         mkdir -p "$(dirname "$stub")" && touch "$stub"; \
     done \
  && cargo fetch --locked
@@ -45,7 +48,7 @@ RUN for stub in shared/src/lib.rs migrations/src/lib.rs migrations/src/main.rs \
 COPY . .
 RUN --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        --offline -p bulkops-migrations -p bulkops-producer -p bulkops-worker \
+        --offline -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-cli \
  && mkdir -p /out \
  && cp target/release/bulkops-migrate target/release/bulkops-producer \
        target/release/bulkops-worker target/release/bulkops /out/

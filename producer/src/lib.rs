@@ -16,15 +16,11 @@
 //!   chunks' spans (continuing the batch's stored context).
 //! - [`monitor`]: gauges for dashboards and autoscalers.
 //! - [`openapi`]: the generated OpenAPI document.
-//! - [`cli`]: the `bulkops` operator's command line (seed, batches, dead letters).
-//! - [`csv_safe`]: the spreadsheet-safe cell rule of every CSV export.
 //! - [`ui`]: the operator console under `/ui` (`ui.enabled`).
 
 pub mod accept;
 pub mod app;
 pub mod auth;
-pub mod cli;
-pub mod csv_safe;
 pub mod extract;
 pub mod fair;
 pub mod listener;

@@ -12,6 +12,8 @@
 //! - [`telemetry`]: logs to stderr; OpenTelemetry traces over OTLP, and the W3C trace
 //!   context carried over HTTP, AMQP and the database.
 //! - [`ids`], [`batch`]: typed ids and the batch/item vocabulary (kinds, states, outcomes).
+//! - [`batch_view`]: the batch read model (columns, views, row readers) every reader uses.
+//! - [`csv_safe`]: the CSV writer and its spreadsheet-safe cell rule.
 //! - [`messages`]: the versioned per-record work message (ids only).
 //! - [`topology`]: AMQP names and their idempotent declaration.
 //! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
@@ -32,7 +34,9 @@
 
 pub mod amqp;
 pub mod batch;
+pub mod batch_view;
 pub mod config;
+pub mod csv_safe;
 pub mod db;
 pub mod deadletters;
 pub mod filter;

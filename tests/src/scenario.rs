@@ -137,7 +137,7 @@ pub async fn create_world(env: &TestEnv, n: i64) -> World {
 /// leads), each with a lead's history. Returns the agency's admin and agency ids, the Sales
 /// Record ids and how many rows each owns.
 pub async fn convert_world(env: &TestEnv, n: i64) -> (i64, i64, Vec<i64>, HashMap<i64, i64>) {
-    use bulkops_producer::cli::seed;
+    use bulkops_cli::seed;
     let s = seed::seed_agency(
         &env.db,
         &seed::AgencySpec {

@@ -3,17 +3,21 @@
 use axum::extract::{Path, State};
 use axum::response::Response;
 use bulkops_shared::batch::{BatchKind, BatchState, ItemStatus};
+pub use bulkops_shared::batch_view::{
+    BATCH_COLUMNS, BatchView, Counts, ITEM_COLUMNS, ITEM_CSV_HEADER, ItemView, batch_from_row,
+    item_from_row,
+};
+use bulkops_shared::csv_safe;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::BatchId;
-use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, QueryResult, Value};
+use sea_orm::{ConnectionTrait, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
 use crate::extract::{ApiQuery, int_from_str};
 use crate::problem::{ApiError, Problem};
-use crate::routes::search::{Export, csv_line, csv_response, exports_busy};
+use crate::routes::search::{Export, csv_response, exports_busy};
 use crate::state::AppState;
 
 /// Largest page of batches or items.
@@ -21,71 +25,11 @@ const MAX_LIMIT: i64 = 1000;
 /// Items per round while streaming CSV.
 const CSV_PAGE: i64 = 10_000;
 
-/// Items per outcome.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-pub struct Counts {
-    /// No outcome yet.
-    pub pending: i64,
-    /// Sales Records created.
-    pub created: i64,
-    /// Sales Records converted.
-    pub converted: i64,
-    /// Skipped (see each item's reason).
-    pub skipped: i64,
-    /// Failed (see each item's reason).
-    pub failed: i64,
-}
-
-/// A batch and its progress.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct BatchView {
-    /// The batch.
-    pub id: i64,
-    /// What it does.
-    pub kind: BatchKind,
-    /// `accepted`, `running` or `completed`.
-    pub state: BatchState,
-    /// Items frozen into it.
-    pub total: i64,
-    /// Items per outcome; they add up to `total`.
-    pub counts: Counts,
-    /// The acting user.
-    pub requested_by: i64,
-    /// The Sales Record type created (bulk create).
-    pub record_type_id: Option<i64>,
-    /// The filter used (bulk create).
-    #[schema(value_type = Option<Object>)]
-    pub filter: Option<serde_json::Value>,
-    /// When it was accepted.
-    pub created_at: DateTime<Utc>,
-    /// When its last item got its outcome.
-    pub completed_at: Option<DateTime<Utc>>,
-    /// When its items were pruned under the retention policy (`retention.items_days`); from
-    /// then on `items` and `items.csv` answer 410 and only the counts remain. Null while the
-    /// items are kept.
-    pub items_pruned_at: Option<DateTime<Utc>>,
-}
-
 /// A page of batches.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BatchList {
     /// Newest first.
     pub items: Vec<BatchView>,
-}
-
-/// One item of a batch.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ItemView {
-    /// Position in the batch (1-based).
-    pub seq: i64,
-    /// The Individual (create) or Sales Record (convert).
-    pub target_id: i64,
-    /// Its status.
-    pub status: ItemStatus,
-    /// The Sales Record created, or the Individual converted into.
-    pub result_id: Option<i64>,
-    /// Why it was skipped or failed.
-    pub reason: Option<String>,
 }
 
 /// A page of items.
@@ -132,50 +76,6 @@ pub struct ItemQuery {
     pub limit: Option<i64>,
 }
 
-/// The `bulk_batches` columns [`batch_from_row`] reads (the API, the CLI and the console
-/// select them the same way).
-pub const BATCH_COLUMNS: &str =
-    "id, kind, state, total, n_created, n_converted, n_skipped, n_failed,
-     requested_by, record_type_id, filter, created_at, completed_at, items_pruned_at";
-
-/// The `bulk_items` columns [`item_from_row`] reads.
-pub const ITEM_COLUMNS: &str = "seq, target_id, status, result_id, reason";
-
-/// Reads a batch row.
-///
-/// # Errors
-/// Database errors (a row of an unknown kind or state is one).
-pub fn batch_from_row(r: &QueryResult) -> Result<BatchView, sea_orm::DbErr> {
-    let kind: String = r.try_get("", "kind")?;
-    let state: String = r.try_get("", "state")?;
-    let total: i64 = r.try_get("", "total")?;
-    let created: i64 = r.try_get("", "n_created")?;
-    let converted: i64 = r.try_get("", "n_converted")?;
-    let skipped: i64 = r.try_get("", "n_skipped")?;
-    let failed: i64 = r.try_get("", "n_failed")?;
-    Ok(BatchView {
-        id: r.try_get("", "id")?,
-        kind: BatchKind::parse(&kind)
-            .ok_or_else(|| sea_orm::DbErr::Type(format!("batch kind {kind}")))?,
-        state: BatchState::parse(&state)
-            .ok_or_else(|| sea_orm::DbErr::Type(format!("batch state {state}")))?,
-        total,
-        counts: Counts {
-            pending: total - created - converted - skipped - failed,
-            created,
-            converted,
-            skipped,
-            failed,
-        },
-        requested_by: r.try_get("", "requested_by")?,
-        record_type_id: r.try_get("", "record_type_id")?,
-        filter: r.try_get("", "filter")?,
-        created_at: r.try_get("", "created_at")?,
-        completed_at: r.try_get("", "completed_at")?,
-        items_pruned_at: r.try_get("", "items_pruned_at")?,
-    })
-}
-
 /// The 410 for a batch whose items were pruned.
 fn items_kept(batch: &BatchView) -> Result<(), ApiError> {
     match batch.items_pruned_at {
@@ -187,22 +87,6 @@ fn items_kept(batch: &BatchView) -> Result<(), ApiError> {
             batch.id
         ))),
     }
-}
-
-/// Reads an item row ([`ITEM_COLUMNS`]).
-///
-/// # Errors
-/// Database errors (a row of an unknown status is one).
-pub fn item_from_row(r: &QueryResult) -> Result<ItemView, sea_orm::DbErr> {
-    let status: String = r.try_get("", "status")?;
-    Ok(ItemView {
-        seq: r.try_get("", "seq")?,
-        target_id: r.try_get("", "target_id")?,
-        status: ItemStatus::parse(&status)
-            .ok_or_else(|| sea_orm::DbErr::Type(format!("item status {status}")))?,
-        result_id: r.try_get("", "result_id")?,
-        reason: r.try_get("", "reason")?,
-    })
 }
 
 fn limit_of(limit: Option<i64>, default: i64) -> Result<i64, ApiError> {
@@ -415,7 +299,7 @@ pub async fn items_csv(
 pub fn items_csv_response(export: Export, id: BatchId, status: Option<ItemStatus>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
-        let header = csv_line(&["seq", "target_id", "status", "result_id", "reason"]);
+        let header = csv_safe::line(&ITEM_CSV_HEADER);
         if !export.send(&tx, header).await {
             return;
         }
@@ -440,13 +324,7 @@ pub fn items_csv_response(export: Export, id: BatchId, status: Option<ItemStatus
                     Err(e) => return export.fail(&tx, &e).await,
                 };
                 after = item.seq;
-                buf.extend_from_slice(&csv_line(&[
-                    &item.seq.to_string(),
-                    &item.target_id.to_string(),
-                    item.status.as_str(),
-                    &item.result_id.map(|v| v.to_string()).unwrap_or_default(),
-                    item.reason.as_deref().unwrap_or(""),
-                ]));
+                buf.extend_from_slice(&item.csv_line());
             }
             if !buf.is_empty() && !export.send(&tx, bytes::Bytes::from(buf)).await {
                 return;

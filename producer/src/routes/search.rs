@@ -4,6 +4,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use bulkops_shared::csv_safe;
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use futures_util::StreamExt;
@@ -199,7 +200,7 @@ pub async fn search_csv(
     // The stream's task ends when the client goes away or stops reading (a send fails or
     // times out) or the rows run out; it holds an export permit until then.
     tokio::spawn(async move {
-        let header = csv_line(&[
+        let header = csv_safe::line(&[
             "id",
             "first_name",
             "last_name",
@@ -235,7 +236,7 @@ pub async fn search_csv(
                     Err(e) => return export.fail(&tx_out, &e).await,
                 };
                 after = item.id;
-                buf.extend_from_slice(&csv_line(&[
+                buf.extend_from_slice(&csv_safe::line(&[
                     &item.id.to_string(),
                     item.first_name.as_deref().unwrap_or(""),
                     item.last_name.as_deref().unwrap_or(""),
@@ -341,18 +342,6 @@ pub fn exports_busy() -> Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     response
-}
-
-/// One CSV record (RFC 4180 quoting), newline-terminated, every cell spreadsheet-safe
-/// ([`crate::csv_safe::cell`]). Every CSV bulkops writes goes through here.
-pub fn csv_line(fields: &[&str]) -> bytes::Bytes {
-    let mut w = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(Vec::new());
-    // Writing to a Vec cannot fail.
-    let cells: Vec<_> = fields.iter().map(|f| crate::csv_safe::cell(f)).collect();
-    let _ = w.write_record(cells.iter().map(|c| c.as_bytes()));
-    bytes::Bytes::from(w.into_inner().unwrap_or_default())
 }
 
 /// A streamed `text/csv` response.

@@ -542,7 +542,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut agencies = Vec::new();
     for (name, seed) in [("Load Agency North", 0.21), ("Load Agency South", 0.73)] {
-        use bulkops_producer::cli::seed;
+        use bulkops_cli::seed;
         let s = seed::seed_agency(
             &env.db,
             &seed::AgencySpec {

@@ -824,9 +824,9 @@ async fn forbidden_types_other_agencies_enhanced_records_and_403s() {
 async fn a_conversion_batch_survives_workers_killed_again_and_again() {
     let env = crate::env("convert_kill").await;
     let db = &env.db;
-    let seeded = bulkops_producer::cli::seed::seed_agency(
+    let seeded = bulkops_cli::seed::seed_agency(
         db,
-        &bulkops_producer::cli::seed::AgencySpec {
+        &bulkops_cli::seed::AgencySpec {
             name: "Kill Agency".into(),
             individuals: 1500,
             linked_share: 0.5,
@@ -835,7 +835,7 @@ async fn a_conversion_batch_survives_workers_killed_again_and_again() {
     )
     .await
     .expect("seed");
-    let mut ids = bulkops_producer::cli::seed::create_leads(db, seeded.agency_id, 1500, 0.2)
+    let mut ids = bulkops_cli::seed::create_leads(db, seeded.agency_id, 1500, 0.2)
         .await
         .expect("leads");
     ids.extend(
@@ -848,11 +848,11 @@ async fn a_conversion_batch_survives_workers_killed_again_and_again() {
         .iter()
         .filter_map(Value::as_i64),
     );
-    bulkops_producer::cli::seed::enrich_leads(
+    bulkops_cli::seed::enrich_leads(
         db,
         seeded.agency_id,
         &ids,
-        bulkops_producer::cli::seed::LeadProfile::DEMO,
+        bulkops_cli::seed::LeadProfile::DEMO,
     )
     .await
     .expect("enrich");

@@ -13,7 +13,7 @@ use bulkops_shared::ids::BatchId;
 use bulkops_shared::topology::Topology;
 use sea_orm::DatabaseConnection;
 
-use super::out;
+use crate::out;
 
 fn link(settings: &Settings) -> anyhow::Result<Arc<AmqpLink>> {
     Ok(Arc::new(

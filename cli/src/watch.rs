@@ -10,9 +10,13 @@ use bulkops_shared::db::stmt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Value};
 
-use super::out;
-use crate::routes::batches::{BATCH_COLUMNS as COLUMNS, BatchView, batch_from_row};
-use crate::routes::search::csv_line;
+use bulkops_shared::batch_view::{
+    BATCH_COLUMNS as COLUMNS, BatchView, ITEM_COLUMNS, ITEM_CSV_HEADER, batch_from_row,
+    item_from_row,
+};
+use bulkops_shared::csv_safe;
+
+use crate::out;
 
 async fn load(db: &DatabaseConnection, id: i64) -> anyhow::Result<BatchView> {
     let row = db
@@ -230,9 +234,7 @@ pub async fn items(
         );
     }
     let mut params: Vec<Value> = vec![id.into()];
-    let mut sql =
-        "SELECT seq, target_id, status, result_id, reason FROM bulk_items WHERE batch_id = $1"
-            .to_owned();
+    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1");
     if let Some(s) = status {
         let s = ItemStatus::parse(&s).with_context(|| format!("unknown status {s}"))?;
         params.push(s.as_str().into());
@@ -240,28 +242,15 @@ pub async fn items(
     }
     sql.push_str(" ORDER BY seq");
     if csv {
-        let header = csv_line(&["seq", "target_id", "status", "result_id", "reason"]);
+        let header = csv_safe::line(&ITEM_CSV_HEADER);
         out(String::from_utf8_lossy(&header).trim_end());
     }
     for r in db.query_all_raw(stmt(sql, params)).await? {
-        let seq: i64 = r.try_get("", "seq")?;
-        let target: i64 = r.try_get("", "target_id")?;
-        let status: String = r.try_get("", "status")?;
-        let result: Option<i64> = r.try_get("", "result_id")?;
-        let reason: Option<String> = r.try_get("", "reason")?;
-        let result = result.map(|v| v.to_string()).unwrap_or_default();
-        let reason = reason.unwrap_or_default();
+        let item = item_from_row(&r)?;
         if csv {
-            let line = csv_line(&[
-                &seq.to_string(),
-                &target.to_string(),
-                &status,
-                &result,
-                &reason,
-            ]);
-            out(String::from_utf8_lossy(&line).trim_end());
+            out(String::from_utf8_lossy(&item.csv_line()).trim_end());
         } else {
-            out(&format!("{seq}\t{target}\t{status}\t{result}\t{reason}"));
+            out(&item.csv_fields().join("\t"));
         }
     }
     Ok(())

@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    bulkops_producer::cli::main().await
+    bulkops_cli::main().await
 }

@@ -1,5 +1,8 @@
-//! The spreadsheet-safe cell rule of every CSV bulkops writes (the HTTP exports and the
-//! `bulkops` CLI), against OWASP's "CSV injection" (CWE-1236).
+//! The CSV writer of bulkops: one record per [`line`], every cell through the
+//! spreadsheet-safe rule ([`cell`]). The HTTP exports, the console and the `bulkops` CLI all
+//! write CSV through here, so the rule cannot be forgotten in one of them.
+//!
+//! The rule is against OWASP's "CSV injection" (CWE-1236).
 //!
 //! `search.csv` is an audit trail agents open in Excel, and its cells carry record data: a
 //! first name such as `=HYPERLINK(…)` or `=cmd|' /C calc'!A0` would run as a formula. A
@@ -38,6 +41,18 @@ fn is_plain_number(value: &str) -> bool {
     };
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     all_digits(int) && frac.is_none_or(all_digits)
+}
+
+/// One CSV record (RFC 4180 quoting), newline-terminated, every cell spreadsheet-safe
+/// ([`cell`]). Every CSV bulkops writes goes through here.
+pub fn line(fields: &[&str]) -> bytes::Bytes {
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    let cells: Vec<_> = fields.iter().map(|f| cell(f)).collect();
+    // Writing to a Vec cannot fail.
+    let _ = w.write_record(cells.iter().map(|c| c.as_bytes()));
+    bytes::Bytes::from(w.into_inner().unwrap_or_default())
 }
 
 #[cfg(test)]
