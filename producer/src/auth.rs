@@ -8,7 +8,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::{AgencyId, UserId};
-use bulkops_shared::permissions::UserAccess;
+use bulkops_shared::permissions::{FULL_RIGHTS_SQL, UserAccess};
 use jsonwebtoken::{Algorithm, Validation, decode};
 use sea_orm::ConnectionTrait;
 use serde::Deserialize;
@@ -80,18 +80,18 @@ pub async fn caller_from_token(state: &AppState, token: &str) -> Result<Caller, 
     let row = state
             .db
             .query_one_raw(stmt(
-                "SELECT u.agency_id, u.active, u.kind IN ('agency_user', 'agent_crm_user') AS crm_kind,
+                format!("SELECT u.agency_id, u.active, u.kind IN ('agency_user', 'agent_crm_user') AS crm_kind,
                         COALESCE(bool_or(sg.individuals_access IN ('view', 'edit')), false) AS view_ind,
                         COALESCE(bool_or(sg.individuals_access = 'edit'), false) AS edit_ind,
                         COALESCE(bool_or(sg.sales_enablement_visible), false) AS sales_enablement,
                         EXISTS (SELECT 1 FROM user_sales_permissions p
                                   JOIN sales_record_types t ON t.id = p.record_type_id AND t.agency_id = u.agency_id
-                                 WHERE p.user_id = u.id AND p.can_view AND p.can_edit AND p.can_delete) AS full_rights
+                                 WHERE p.user_id = u.id AND {FULL_RIGHTS_SQL}) AS full_rights
                    FROM users u
                    LEFT JOIN user_security_groups usg ON usg.user_id = u.id
                    LEFT JOIN security_groups sg ON sg.id = usg.security_group_id AND sg.agency_id = u.agency_id
                   WHERE u.id = $1
-                  GROUP BY u.id",
+                  GROUP BY u.id"),
                 [user_id.into()],
             ))
             .await

@@ -47,7 +47,7 @@ use bulkops_shared::batch::{BatchKind, Lane};
 use bulkops_shared::config::SplitSettings;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::BatchId;
-use bulkops_shared::messages::{Op, WorkMessage};
+use bulkops_shared::messages::WorkMessage;
 use bulkops_shared::metrics::ProducerMetrics;
 use bulkops_shared::telemetry::propagation;
 use bulkops_shared::topology::Topology;
@@ -74,7 +74,7 @@ impl SplitHandle {
 }
 
 /// Header carrying the publish time (Unix milliseconds), for the item latency metric.
-pub const PUBLISHED_AT_HEADER: &str = "x-published-at-ms";
+pub const PUBLISHED_AT_HEADER: &str = bulkops_shared::messages::headers::PUBLISHED_AT;
 
 /// How recent a worker's outage report must be to hold the stall sweeper, in seconds
 /// (workers renew theirs every 5 s while they wait; a worker that recovered keeps holding
@@ -309,8 +309,8 @@ impl Splitter {
             out.push(OwnedBatch {
                 id: BatchId(r.try_get("", "id")?),
                 agency_id: r.try_get("", "agency_id")?,
-                kind: BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
-                lane: Lane::parse(&lane).unwrap_or(Lane::Bulk),
+                kind: BatchKind::from_column(&kind)?,
+                lane: Lane::from_column(&lane)?,
                 next_seq,
                 published: r.try_get("", "split_published")?,
                 presettled: r.try_get("", "n_presettled")?,
@@ -336,10 +336,7 @@ impl Splitter {
                 [batch.id.into(), batch.next_seq.into(), limit.into()],
             ))
             .await?;
-        let op = match batch.kind {
-            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
-            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
-        };
+        let op = batch.kind.op();
         let mut bodies = Vec::with_capacity(rows.len());
         let mut last_seq = batch.next_seq - 1;
         for r in &rows {
@@ -478,8 +475,8 @@ impl Splitter {
             let lane: String = r.try_get("", "lane")?;
             stalled.push((
                 BatchId(r.try_get("", "id")?),
-                BatchKind::parse(&kind).unwrap_or(BatchKind::CreateSalesRecords),
-                Lane::parse(&lane).unwrap_or(Lane::Bulk),
+                BatchKind::from_column(&kind)?,
+                Lane::from_column(&lane)?,
                 r.try_get::<i32>("", "resplit_generation")?,
                 r.try_get::<Option<String>>("", "trace_context")?,
             ));
@@ -613,10 +610,7 @@ impl Splitter {
             0 => u64::MAX,
             w => w,
         };
-        let op = match kind {
-            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
-            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
-        };
+        let op = kind.op();
         let queue = self.topology.work_queue(lane);
         let mut after = 0_i64;
         let mut published = 0_u64;

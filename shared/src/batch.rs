@@ -31,6 +31,15 @@ impl BatchKind {
         }
     }
 
+    /// Reads a stored name; an unknown one is an error (a row this code does not
+    /// understand), never a default.
+    ///
+    /// # Errors
+    /// [`sea_orm::DbErr::Type`] for an unknown name.
+    pub fn from_column(s: &str) -> Result<Self, sea_orm::DbErr> {
+        Self::parse(s).ok_or_else(|| sea_orm::DbErr::Type(format!("batch kind {s}")))
+    }
+
     /// Short label for metrics (`create` / `convert`).
     pub fn label(self) -> &'static str {
         match self {
@@ -114,6 +123,14 @@ impl ItemStatus {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
+
+    /// Reads a stored name; an unknown one is an error, never a default.
+    ///
+    /// # Errors
+    /// [`sea_orm::DbErr::Type`] for an unknown name.
+    pub fn from_column(s: &str) -> Result<Self, sea_orm::DbErr> {
+        Self::parse(s).ok_or_else(|| sea_orm::DbErr::Type(format!("item status {s}")))
+    }
 }
 
 /// Why an item was skipped or failed. Stored as text; the API shows it as is.
@@ -167,6 +184,14 @@ impl Lane {
         }
     }
 
+    /// Reads a stored name; an unknown one is an error, never a default.
+    ///
+    /// # Errors
+    /// [`sea_orm::DbErr::Type`] for an unknown name.
+    pub fn from_column(s: &str) -> Result<Self, sea_orm::DbErr> {
+        Self::parse(s).ok_or_else(|| sea_orm::DbErr::Type(format!("lane {s}")))
+    }
+
     /// The lane for a batch of `total` items.
     pub fn for_total(total: u64, interactive_max_items: u64) -> Self {
         if total <= interactive_max_items {
@@ -203,6 +228,9 @@ mod tests {
             assert_eq!(Lane::parse(l.as_str()), Some(l));
         }
         assert_eq!(ItemStatus::parse("done"), None);
+        assert!(BatchKind::from_column("delete_everything").is_err());
+        assert!(Lane::from_column("").is_err());
+        assert!(ItemStatus::from_column("done").is_err());
     }
 
     #[test]

@@ -35,13 +35,13 @@ use crate::messages::WorkMessage;
 use crate::topology::Topology;
 
 /// Header naming why the worker dead-lettered a message.
-pub const REASON_HEADER: &str = "x-bulkops-reason";
+pub const REASON_HEADER: &str = crate::messages::headers::REASON;
 /// Header counting the deliveries a message had.
-pub const ATTEMPTS_HEADER: &str = "x-attempts";
+pub const ATTEMPTS_HEADER: &str = crate::messages::headers::ATTEMPTS;
 /// Header listing `attempt:class` of every try, oldest first.
-pub const HISTORY_HEADER: &str = "x-attempt-history";
+pub const HISTORY_HEADER: &str = crate::messages::headers::HISTORY;
 /// The broker's own dead-lettering record.
-pub const DEATH_HEADER: &str = "x-death";
+pub const DEATH_HEADER: &str = crate::messages::headers::DEATH;
 
 /// Why reading or replaying the dead-letter queue failed. Messages not yet replayed stay
 /// in the queue.
@@ -330,7 +330,7 @@ pub async fn replay(
                             body: &d.data,
                             // A fresh attempt budget: the cause has been fixed.
                             properties: json_properties().with_headers(headers(&[(
-                                "x-published-at-ms",
+                                crate::messages::headers::PUBLISHED_AT,
                                 AMQPValue::LongLongInt(now_ms),
                             )])),
                             mandatory: true,

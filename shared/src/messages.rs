@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::BatchKind;
 use crate::ids::BatchId;
 
 /// The current message version.
@@ -20,6 +21,43 @@ pub enum Op {
     CreateSalesRecord,
     /// Convert the Sales Record `target_id` into an Individual.
     ConvertSalesRecord,
+}
+
+impl BatchKind {
+    /// The message operation of this kind's items (the one place a kind becomes an op).
+    pub fn op(self) -> Op {
+        match self {
+            Self::CreateSalesRecords => Op::CreateSalesRecord,
+            Self::ConvertSalesRecords => Op::ConvertSalesRecord,
+        }
+    }
+}
+
+impl Op {
+    /// The batch kind whose items carry this operation.
+    pub fn kind(self) -> BatchKind {
+        match self {
+            Self::CreateSalesRecord => BatchKind::CreateSalesRecords,
+            Self::ConvertSalesRecord => BatchKind::ConvertSalesRecords,
+        }
+    }
+}
+
+/// The AMQP header names bulkops writes and reads on work messages (the splitter, the
+/// worker's retry path, the dead-letter tools and the bench all use these names).
+pub mod headers {
+    /// The publish time (Unix milliseconds), for the item latency metric.
+    pub const PUBLISHED_AT: &str = "x-published-at-ms";
+    /// Attempts so far (a retry's republish carries it).
+    pub const ATTEMPTS: &str = "x-attempts";
+    /// One line per failed attempt: when, and why.
+    pub const HISTORY: &str = "x-attempt-history";
+    /// Why the message was dead-lettered or last failed.
+    pub const REASON: &str = "x-bulkops-reason";
+    /// When the first attempt failed (Unix milliseconds), for the retry budget.
+    pub const FIRST_FAILED_AT: &str = "x-first-failed-at-ms";
+    /// The broker's own dead-letter record.
+    pub const DEATH: &str = "x-death";
 }
 
 /// One item of one batch.

@@ -6,6 +6,13 @@
 /// operator is no CRM user, and sees every agency in the operator console.
 pub const OPERATOR_ROLE: &str = "operator";
 
+/// The "full rights on a record type" rule as SQL: a predicate over a row `p` of
+/// `user_sales_permissions`. Bulk create needs it on some type of the agency, and a
+/// conversion needs it on each record's type (CONTRACT bulk create rule 1, convert rule 1);
+/// the authenticator, the accepting transaction and the worker all select with this one
+/// fragment, so the rule cannot drift between them.
+pub const FULL_RIGHTS_SQL: &str = "(p.can_view AND p.can_edit AND p.can_delete)";
+
 /// What the database says about the acting user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UserAccess {

@@ -11,6 +11,7 @@
 
 use sea_orm::{ConnectionTrait, DbErr};
 
+use crate::batch::ItemStatus;
 use crate::db::stmt;
 use crate::ids::BatchId;
 
@@ -33,24 +34,24 @@ impl OutcomeDelta {
         self.created + self.converted + self.skipped + self.failed
     }
 
-    /// Each outcome's stored status name with its count (the inverse of [`Self::add`]).
-    pub fn by_outcome(&self) -> [(&'static str, i64); 4] {
+    /// Each outcome with its count (the inverse of [`Self::add`]).
+    pub fn by_outcome(&self) -> [(ItemStatus, i64); 4] {
         [
-            ("created", self.created),
-            ("converted", self.converted),
-            ("skipped", self.skipped),
-            ("failed", self.failed),
+            (ItemStatus::Created, self.created),
+            (ItemStatus::Converted, self.converted),
+            (ItemStatus::Skipped, self.skipped),
+            (ItemStatus::Failed, self.failed),
         ]
     }
 
-    /// Adds one outcome by its stored status name; unknown names are ignored.
-    pub fn add(&mut self, status: &str, n: i64) {
+    /// Adds `n` items that got `status` (`pending` is no outcome and adds nothing).
+    pub fn add(&mut self, status: ItemStatus, n: i64) {
         match status {
-            "created" => self.created += n,
-            "converted" => self.converted += n,
-            "skipped" => self.skipped += n,
-            "failed" => self.failed += n,
-            _ => {}
+            ItemStatus::Created => self.created += n,
+            ItemStatus::Converted => self.converted += n,
+            ItemStatus::Skipped => self.skipped += n,
+            ItemStatus::Failed => self.failed += n,
+            ItemStatus::Pending => {}
         }
     }
 }
@@ -160,13 +161,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delta_adds_by_status_name() {
+    fn delta_adds_by_status() {
         let mut d = OutcomeDelta::default();
-        d.add("created", 3);
-        d.add("skipped", 1);
-        d.add("failed", 2);
-        d.add("converted", 4);
-        d.add("pending", 9);
+        d.add(ItemStatus::Created, 3);
+        d.add(ItemStatus::Skipped, 1);
+        d.add(ItemStatus::Failed, 2);
+        d.add(ItemStatus::Converted, 4);
+        d.add(ItemStatus::Pending, 9);
         assert_eq!(
             d,
             OutcomeDelta {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bulkops_shared::batch::BatchKind;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::{AgencyId, BatchId, UserId};
+use bulkops_shared::permissions::FULL_RIGHTS_SQL;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::Mutex;
 
@@ -89,11 +90,13 @@ impl MetaCache {
         let Some(row) = self
             .db
             .query_one_raw(stmt(
-                "SELECT b.agency_id, b.kind, b.requested_by, b.record_type_id,
+                format!(
+                    "SELECT b.agency_id, b.kind, b.requested_by, b.record_type_id,
                         COALESCE((SELECT array_agg(p.record_type_id) FROM user_sales_permissions p
-                                   WHERE p.user_id = b.requested_by AND p.can_view AND p.can_edit AND p.can_delete),
-                                 '{}') AS convertible
-                   FROM bulk_batches b WHERE b.id = $1",
+                                   WHERE p.user_id = b.requested_by AND {FULL_RIGHTS_SQL}),
+                                 '{{}}') AS convertible
+                   FROM bulk_batches b WHERE b.id = $1"
+                ),
                 [id.into()],
             ))
             .await?
@@ -101,9 +104,7 @@ impl MetaCache {
             return Ok(None);
         };
         let kind: String = row.try_get("", "kind")?;
-        let Some(kind) = BatchKind::parse(&kind) else {
-            return Err(DbErr::Type(format!("unknown batch kind {kind}")));
-        };
+        let kind = BatchKind::from_column(&kind)?;
         let convertible: Vec<i64> = row.try_get("", "convertible")?;
         Ok(Some(BatchMeta {
             id,

@@ -1,6 +1,7 @@
 //! Recording item outcomes: one `UPDATE … FROM unnest(…)` for a whole chunk, touching only
 //! items still `pending`, returning what it actually changed (for the batch counters).
 
+use bulkops_shared::batch::ItemStatus;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::BatchId;
 use bulkops_shared::progress::OutcomeDelta;
@@ -14,8 +15,8 @@ pub struct Outcome {
     /// Its target as the message named it; the item is left alone if the batch froze
     /// another one (a message that does not match its batch cannot decide an item).
     pub target: i64,
-    /// `created`, `converted`, `skipped` or `failed`.
-    pub status: &'static str,
+    /// `created`, `converted`, `skipped` or `failed` (never `pending`).
+    pub status: ItemStatus,
     /// The record created or converted into (or the existing one, for a skip).
     pub result_id: Option<i64>,
     /// Why it was skipped or failed.
@@ -49,7 +50,10 @@ pub async fn write(
     // 0 and '' stand for NULL (ids are positive, reasons non-empty): arrays of options do
     // not bind.
     let seqs: Vec<i64> = outcomes.iter().map(|o| o.seq).collect();
-    let statuses: Vec<String> = outcomes.iter().map(|o| o.status.to_owned()).collect();
+    let statuses: Vec<String> = outcomes
+        .iter()
+        .map(|o| o.status.as_str().to_owned())
+        .collect();
     let results: Vec<i64> = outcomes.iter().map(|o| o.result_id.unwrap_or(0)).collect();
     let reasons: Vec<String> = outcomes
         .iter()
@@ -71,7 +75,7 @@ pub async fn write(
         .await?;
     for r in &rows {
         let status: String = r.try_get("", "status")?;
-        delta.add(&status, r.try_get("", "n")?);
+        delta.add(ItemStatus::from_column(&status)?, r.try_get("", "n")?);
     }
     Ok(delta)
 }

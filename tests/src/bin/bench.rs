@@ -405,9 +405,9 @@ async fn seed_create_template(name: &str, individuals: i64) -> anyhow::Result<(i
     bulkops_migrations::drop_database(&url).await?;
     bulkops_migrations::migrate_up(&url).await?;
     let db = connect(name).await?;
-    let s = bulkops_producer::cli::seed::seed_agency(
+    let s = bulkops_cli::seed::seed_agency(
         &db,
-        &bulkops_producer::cli::seed::AgencySpec {
+        &bulkops_cli::seed::AgencySpec {
             name: "Bench Agency".into(),
             individuals,
             linked_share: 0.1,
@@ -478,7 +478,7 @@ struct ConvertTemplate {
 }
 
 async fn seed_convert_template(name: &str, conversions: i64) -> anyhow::Result<ConvertTemplate> {
-    use bulkops_producer::cli::seed;
+    use bulkops_cli::seed;
     let url = format!("{}/{name}", pg_server());
     bulkops_migrations::drop_database(&url).await?;
     bulkops_migrations::migrate_up(&url).await?;
@@ -575,7 +575,7 @@ async fn plain_publish_loop(n: i64, window: usize) -> anyhow::Result<f64> {
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut headers = FieldTable::default();
     headers.insert(
-        "x-published-at-ms".into(),
+        bulkops_shared::messages::headers::PUBLISHED_AT.into(),
         AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
     );
     let props = BasicProperties::default()
@@ -625,7 +625,7 @@ async fn plain_publish_loop(n: i64, window: usize) -> anyhow::Result<f64> {
 /// Adds to the big template another agency for the fairness measurements: 200
 /// Individuals in 20 counties of 10, and 40 leads.
 async fn seed_fairness_agency(name: &str) -> anyhow::Result<(i64, i64, i64, Vec<i64>)> {
-    use bulkops_producer::cli::seed;
+    use bulkops_cli::seed;
     let db = connect(name).await?;
     let s = seed::seed_agency(
         &db,
@@ -662,7 +662,7 @@ const FAIR_RUN_DB: &str = "bulkops_bench_fair_run";
 /// "Quiet" with `items`. Plain Individuals (no policies, no one linked): every item is a
 /// create, so the two agencies' items cost the same.
 async fn seed_fairness_template(name: &str, items: i64) -> anyhow::Result<[(i64, i64, i64); 2]> {
-    use bulkops_producer::cli::seed;
+    use bulkops_cli::seed;
     let url = format!("{}/{name}", pg_server());
     bulkops_migrations::drop_database(&url).await?;
     bulkops_migrations::migrate_up(&url).await?;
