@@ -18,14 +18,45 @@ use bulkops_shared::batch::{BatchKind, Lane, reason};
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use bulkops_shared::ids::BatchId;
+use bulkops_shared::permissions::FULL_RIGHTS_SQL;
 use bulkops_shared::progress::{OutcomeDelta, complete_empty, record_outcomes};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait, Value,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
-use crate::problem::ApiError;
 use crate::quota;
+
+/// Why a batch was not accepted. The layer's own words: the route maps each to its
+/// problem document (`routes::bulk`), this module knows nothing of HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// The caller's `expected_total` is not what the search finds now.
+    #[error("the search now finds {found} Individuals, not the expected {expected}")]
+    TotalChanged {
+        /// What the search froze.
+        found: i64,
+        /// What the caller expected.
+        expected: i64,
+    },
+    /// The `Idempotency-Key` was used before for another request.
+    #[error("this Idempotency-Key was already used for a different request")]
+    KeyReused,
+    /// The agency's quota of items in flight has no room for the batch.
+    #[error("the agency's quota of items in flight is full")]
+    Quota(quota::Refusal),
+    /// A statement returned no row where it always returns one.
+    #[error("{0}")]
+    NoRow(&'static str),
+    /// The database failed (transient or not: the route tells them apart).
+    #[error(transparent)]
+    Db(#[from] DbErr),
+    /// A stored answer or filter could not be (de)serialised.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 /// What the batch is made of.
 #[derive(Debug, Clone)]
@@ -116,8 +147,8 @@ pub struct AcceptConfig {
 /// Accepts a batch for `caller`.
 ///
 /// # Errors
-/// 409 on an `expected_total` mismatch, 422 on a key reused for another request, 429 when
-/// the agency's quota has no room for it, 503/500 on database failures.
+/// [`AcceptError`]: an `expected_total` mismatch, a key reused for another request, a full
+/// quota, or a database failure. Nothing is stored then.
 #[tracing::instrument(name = "bulk.accept", skip_all, fields(
     agency_id = caller.agency_id.0,
     kind = tracing::field::Empty,
@@ -131,22 +162,20 @@ pub async fn accept(
     targets: &Targets,
     idempotency: Option<&IdempotencyKey>,
     cfg: AcceptConfig,
-) -> Result<Acceptance, ApiError> {
+) -> Result<Acceptance, AcceptError> {
     let AcceptConfig {
         interactive_max_items,
         split_owner,
         lease_secs,
         max_active_items_per_agency: limit,
     } = cfg;
-    let tx = db.begin().await.map_err(ApiError::db)?;
+    let tx = db.begin().await?;
     // The batch row and any event this transaction writes keep the accept's trace context.
-    bulkops_shared::telemetry::propagation::stamp_transaction(&tx)
-        .await
-        .map_err(ApiError::db)?;
+    bulkops_shared::telemetry::propagation::stamp_transaction(&tx).await?;
     if let Some(key) = idempotency
         && let Some(replay) = claim_key(&tx, caller, key).await?
     {
-        tx.rollback().await.map_err(ApiError::db)?;
+        tx.rollback().await?;
         return Ok(Acceptance::Replayed(replay));
     }
     // The quota, checked before anything is frozen (see `crate::quota`).
@@ -167,8 +196,8 @@ pub async fn accept(
             }
         };
         if let Some(refusal) = quota::check(limit, now, requested, exact) {
-            tx.rollback().await.map_err(ApiError::db)?;
-            return Err(ApiError::QuotaExceeded(refusal));
+            tx.rollback().await?;
+            return Err(AcceptError::Quota(refusal));
         }
         quota_state = Some(now);
     }
@@ -186,7 +215,7 @@ pub async fn accept(
         } => (
             Some(*record_type_id),
             *saved_search_id,
-            Some(serde_json::to_value(filter).map_err(|e| ApiError::Internal(e.into()))?),
+            Some(serde_json::to_value(filter)?),
         ),
         Targets::Conversion { .. } => (None, None, None),
     };
@@ -204,9 +233,9 @@ pub async fn accept(
             ],
         ))
         .await
-        .map_err(ApiError::db)?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("batch insert returned no row")))?;
-    let batch_id = BatchId(row.try_get("", "id").map_err(ApiError::db)?);
+        .await?
+        .ok_or_else(|| AcceptError::NoRow("batch insert returned no row"))?;
+    let batch_id = BatchId(row.try_get("", "id")?);
     tracing::Span::current().record("batch_id", batch_id.0);
 
     let (total, delta) = match targets {
@@ -219,10 +248,11 @@ pub async fn accept(
     } = targets
         && *expected != total
     {
-        tx.rollback().await.map_err(ApiError::db)?;
-        return Err(ApiError::Conflict(format!(
-            "the search now finds {total} Individuals, not the expected {expected}; preview again and resubmit"
-        )));
+        tx.rollback().await?;
+        return Err(AcceptError::TotalChanged {
+            found: total,
+            expected: *expected,
+        });
     }
     let presettled = delta.total();
     let to_publish = total - presettled;
@@ -231,8 +261,8 @@ pub async fn accept(
     if let Some(now) = quota_state
         && let Some(refusal) = quota::check(limit, now, to_publish, true)
     {
-        tx.rollback().await.map_err(ApiError::db)?;
-        return Err(ApiError::QuotaExceeded(refusal));
+        tx.rollback().await?;
+        return Err(AcceptError::Quota(refusal));
     }
     refresh_statistics(&tx, total).await?;
     let lane = Lane::for_total(
@@ -253,17 +283,14 @@ pub async fn accept(
             (lease_secs as f64).into(),
         ],
     ))
-    .await
-    .map_err(ApiError::db)?;
+    .await?;
     // A batch whose every item is settled here completes here, like any other: the
     // transaction that records its last outcome marks it completed and writes its event.
     // One with no items at all records no outcome, so it is completed explicitly.
     let completed = if total == 0 {
-        complete_empty(&tx, batch_id).await.map_err(ApiError::db)?
+        complete_empty(&tx, batch_id).await?
     } else {
-        record_outcomes(&tx, batch_id, delta)
-            .await
-            .map_err(ApiError::db)?
+        record_outcomes(&tx, batch_id, delta).await?
     };
     if completed || to_publish == 0 {
         tx.execute_raw(stmt(
@@ -271,8 +298,7 @@ pub async fn accept(
                     split_lease_until = NULL WHERE id = $1",
             [batch_id.into()],
         ))
-        .await
-        .map_err(ApiError::db)?;
+        .await?;
     }
     let answer = AcceptedBatch {
         batch_id: batch_id.0,
@@ -285,16 +311,13 @@ pub async fn accept(
             [
                 caller.user_id.into(),
                 key.key.clone().into(),
-                serde_json::to_value(&answer)
-                    .map_err(|e| ApiError::Internal(e.into()))?
-                    .into(),
+                serde_json::to_value(&answer)?.into(),
                 batch_id.into(),
             ],
         ))
-        .await
-        .map_err(ApiError::db)?;
+        .await?;
     }
-    tx.commit().await.map_err(ApiError::db)?;
+    tx.commit().await?;
     tracing::Span::current()
         .record("items", total)
         .record("presettled", presettled);
@@ -310,7 +333,7 @@ pub async fn accept(
 /// and with them the workers' per-chunk plans (a sequential scan per item instead of an
 /// index probe). Analysing in the accepting transaction keeps the plans right from the
 /// first chunk; small batches skip it (autovacuum keeps up with them).
-async fn refresh_statistics(tx: &DatabaseTransaction, added: i64) -> Result<(), ApiError> {
+async fn refresh_statistics(tx: &DatabaseTransaction, added: i64) -> Result<(), AcceptError> {
     if added < 1000 {
         return Ok(());
     }
@@ -320,15 +343,13 @@ async fn refresh_statistics(tx: &DatabaseTransaction, added: i64) -> Result<(), 
             [],
         ))
         .await
-        .map_err(ApiError::db)?;
+        ?;
     let known: f64 = match row {
-        Some(r) => r.try_get("", "n").map_err(ApiError::db)?,
+        Some(r) => r.try_get("", "n")?,
         None => 0.0,
     };
     if added as f64 > 0.2 * known {
-        tx.execute_raw(stmt("ANALYZE bulk_items", []))
-            .await
-            .map_err(ApiError::db)?;
+        tx.execute_raw(stmt("ANALYZE bulk_items", [])).await?;
     }
     Ok(())
 }
@@ -339,7 +360,7 @@ async fn claim_key(
     tx: &DatabaseTransaction,
     caller: &Caller,
     key: &IdempotencyKey,
-) -> Result<Option<AcceptedBatch>, ApiError> {
+) -> Result<Option<AcceptedBatch>, AcceptError> {
     let inserted = tx
         .query_one_raw(stmt(
             "INSERT INTO idempotency_keys (user_id, key, agency_id, endpoint, request_hash, status_code, response)
@@ -354,7 +375,7 @@ async fn claim_key(
             ],
         ))
         .await
-        .map_err(ApiError::db)?;
+        ?;
     if inserted.is_some() {
         return Ok(None);
     }
@@ -364,18 +385,15 @@ async fn claim_key(
             [caller.user_id.into(), key.key.clone().into()],
         ))
         .await
-        .map_err(ApiError::db)?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("idempotency key vanished")))?;
-    let endpoint: String = stored.try_get("", "endpoint").map_err(ApiError::db)?;
-    let hash: String = stored.try_get("", "request_hash").map_err(ApiError::db)?;
+        ?
+        .ok_or_else(|| AcceptError::NoRow("idempotency key vanished"))?;
+    let endpoint: String = stored.try_get("", "endpoint")?;
+    let hash: String = stored.try_get("", "request_hash")?;
     if endpoint != key.endpoint || hash != key.request_hash {
-        return Err(ApiError::Unprocessable(
-            "this Idempotency-Key was already used for a different request".to_owned(),
-        ));
+        return Err(AcceptError::KeyReused);
     }
-    let response: serde_json::Value = stored.try_get("", "response").map_err(ApiError::db)?;
-    let answer: AcceptedBatch =
-        serde_json::from_value(response).map_err(|e| ApiError::Internal(e.into()))?;
+    let response: serde_json::Value = stored.try_get("", "response")?;
+    let answer: AcceptedBatch = serde_json::from_value(response)?;
     Ok(Some(answer))
 }
 
@@ -387,7 +405,7 @@ async fn freeze_search(
     batch_id: BatchId,
     caller: &Caller,
     filter: &SearchFilter,
-) -> Result<(i64, OutcomeDelta), ApiError> {
+) -> Result<(i64, OutcomeDelta), AcceptError> {
     let mut params: Vec<Value> = vec![batch_id.into(), caller.agency_id.into()];
     let conditions = filter.to_sql("i", &mut params);
     let sql = format!(
@@ -408,11 +426,10 @@ async fn freeze_search(
     );
     let row = tx
         .query_one_raw(stmt(sql, params))
-        .await
-        .map_err(ApiError::db)?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
-    let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
-    let skipped: i64 = row.try_get("", "skipped").map_err(ApiError::db)?;
+        .await?
+        .ok_or_else(|| AcceptError::NoRow("freeze returned no row"))?;
+    let total: i64 = row.try_get("", "total")?;
+    let skipped: i64 = row.try_get("", "skipped")?;
     tracing::Span::current().record("items", total);
     Ok((
         total,
@@ -430,13 +447,13 @@ async fn freeze_conversion(
     batch_id: BatchId,
     caller: &Caller,
     ids: &[i64],
-) -> Result<(i64, OutcomeDelta), ApiError> {
+) -> Result<(i64, OutcomeDelta), AcceptError> {
     let sql = format!(
         "WITH ids AS (
            SELECT u.id, min(u.ord) AS ord FROM unnest($3::bigint[]) WITH ORDINALITY AS u(id, ord) GROUP BY u.id
          ), allowed AS (
            SELECT p.record_type_id FROM user_sales_permissions p
-            WHERE p.user_id = $4 AND p.can_view AND p.can_edit AND p.can_delete
+            WHERE p.user_id = $4 AND {FULL_RIGHTS_SQL}
          ), ins AS (
            INSERT INTO bulk_items (batch_id, seq, target_id, status, result_id, reason, updated_at)
            SELECT $1, row_number() OVER (ORDER BY ids.ord), ids.id, d.status,
@@ -477,16 +494,15 @@ async fn freeze_conversion(
                 caller.user_id.into(),
             ],
         ))
-        .await
-        .map_err(ApiError::db)?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("freeze returned no row")))?;
-    let total: i64 = row.try_get("", "total").map_err(ApiError::db)?;
+        .await?
+        .ok_or_else(|| AcceptError::NoRow("freeze returned no row"))?;
+    let total: i64 = row.try_get("", "total")?;
     tracing::Span::current().record("items", total);
     Ok((
         total,
         OutcomeDelta {
-            skipped: row.try_get("", "skipped").map_err(ApiError::db)?,
-            failed: row.try_get("", "failed").map_err(ApiError::db)?,
+            skipped: row.try_get("", "skipped")?,
+            failed: row.try_get("", "failed")?,
             ..OutcomeDelta::default()
         },
     ))

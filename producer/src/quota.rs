@@ -31,10 +31,10 @@ use std::collections::HashSet;
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
 use bulkops_shared::ids::AgencyId;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use bulkops_shared::permissions::FULL_RIGHTS_SQL;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Value};
 
 use crate::auth::Caller;
-use crate::problem::ApiError;
 
 /// Shortest `Retry-After`, in seconds.
 const MIN_RETRY_SECS: u64 = 1;
@@ -121,13 +121,12 @@ pub fn retry_after(must_finish: i64, rate: f64) -> u64 {
 pub async fn lock_and_measure(
     tx: &DatabaseTransaction,
     agency_id: AgencyId,
-) -> Result<InFlight, ApiError> {
+) -> Result<InFlight, DbErr> {
     tx.execute_raw(stmt(
         "SELECT pg_advisory_xact_lock(hashtextextended('bulkops.quota.' || $1::text, 0))",
         [agency_id.into()],
     ))
-    .await
-    .map_err(ApiError::db)?;
+    .await?;
     let row = tx
         .query_one_raw(stmt(
             "SELECT COALESCE(sum(total - (n_created + n_converted + n_skipped + n_failed)), 0)::bigint AS items,
@@ -139,16 +138,16 @@ pub async fn lock_and_measure(
             [agency_id.into()],
         ))
         .await
-        .map_err(ApiError::db)?;
+        ?;
     let Some(row) = row else {
         return Ok(InFlight {
             items: 0,
             rate: 0.0,
         });
     };
-    let items: i64 = row.try_get("", "items").map_err(ApiError::db)?;
-    let decided: f64 = row.try_get("", "decided").map_err(ApiError::db)?;
-    let secs: f64 = row.try_get("", "secs").map_err(ApiError::db)?;
+    let items: i64 = row.try_get("", "items")?;
+    let decided: f64 = row.try_get("", "decided")?;
+    let secs: f64 = row.try_get("", "secs")?;
     Ok(InFlight {
         items,
         rate: if secs >= 1.0 { decided / secs } else { 0.0 },
@@ -165,7 +164,7 @@ pub async fn count_search(
     caller: &Caller,
     filter: &SearchFilter,
     bound: i64,
-) -> Result<(i64, bool), ApiError> {
+) -> Result<(i64, bool), DbErr> {
     let mut params: Vec<Value> = vec![caller.agency_id.into()];
     let conditions = filter.to_sql("i", &mut params);
     params.push(bound.saturating_add(1).into());
@@ -191,7 +190,7 @@ pub async fn count_conversion(
     caller: &Caller,
     ids: &[i64],
     bound: i64,
-) -> Result<i64, ApiError> {
+) -> Result<i64, DbErr> {
     let distinct = ids.iter().collect::<HashSet<_>>().len();
     let distinct = i64::try_from(distinct).unwrap_or(i64::MAX);
     if distinct <= bound {
@@ -203,8 +202,8 @@ pub async fn count_conversion(
           WHERE sr.id = ANY($1::bigint[]) AND sr.agency_id = $2
             AND EXISTS (SELECT 1 FROM user_sales_permissions p
                          WHERE p.user_id = $3 AND p.record_type_id = sr.record_type_id
-                           AND p.can_view AND p.can_edit AND p.can_delete)"
-            .to_owned(),
+                           AND {FULL_RIGHTS_SQL})"
+            .replace("{FULL_RIGHTS_SQL}", FULL_RIGHTS_SQL),
         vec![
             ids.to_vec().into(),
             caller.agency_id.into(),
@@ -214,13 +213,12 @@ pub async fn count_conversion(
     .await
 }
 
-async fn count(tx: &DatabaseTransaction, sql: String, params: Vec<Value>) -> Result<i64, ApiError> {
+async fn count(tx: &DatabaseTransaction, sql: String, params: Vec<Value>) -> Result<i64, DbErr> {
     let row = tx
         .query_one_raw(stmt(sql, params))
-        .await
-        .map_err(ApiError::db)?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("count returned no row")))?;
-    row.try_get("", "n").map_err(ApiError::db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("count returned no row".to_owned()))?;
+    row.try_get("", "n")
 }
 
 #[cfg(test)]

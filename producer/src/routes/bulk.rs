@@ -9,7 +9,9 @@ use sea_orm::{ConnectionTrait, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::accept::{AcceptConfig, Acceptance, AcceptedBatch, IdempotencyKey, Targets, accept};
+use crate::accept::{
+    AcceptConfig, AcceptError, Acceptance, AcceptedBatch, IdempotencyKey, Targets, accept,
+};
 use crate::auth::{Caller, require};
 use crate::extract::ApiJson;
 use crate::problem::{ApiError, Problem};
@@ -155,7 +157,7 @@ async fn accept_and_split(
         max_active_items_per_agency: state.settings.limits.max_active_items_per_agency,
     };
     let outcome = match accept(&state.db, caller, &targets, key.as_ref(), cfg).await {
-        Err(ApiError::QuotaExceeded(refusal)) => {
+        Err(AcceptError::Quota(refusal)) => {
             state
                 .metrics
                 .quota_refusals
@@ -171,7 +173,7 @@ async fn accept_and_split(
             );
             return Err(ApiError::QuotaExceeded(refusal));
         }
-        other => other?,
+        other => other.map_err(ApiError::from)?,
     };
     match outcome {
         Acceptance::New {
@@ -194,7 +196,7 @@ async fn accept_and_split(
                     state
                         .metrics
                         .items_settled_on_accept
-                        .with_label_values(&[kind.label(), outcome])
+                        .with_label_values(&[kind.label(), outcome.as_str()])
                         .inc_by(n.unsigned_abs());
                 }
             }
@@ -347,4 +349,20 @@ pub async fn convert(
         ids: req.sales_record_ids,
     };
     accept_and_split(&state, &caller, targets, key).await
+}
+
+/// The problem document of each reason a batch was not accepted.
+impl From<AcceptError> for ApiError {
+    fn from(e: AcceptError) -> Self {
+        match e {
+            AcceptError::TotalChanged { found, expected } => ApiError::Conflict(format!(
+                "the search now finds {found} Individuals, not the expected {expected}; preview again and resubmit"
+            )),
+            AcceptError::KeyReused => ApiError::Unprocessable(e.to_string()),
+            AcceptError::Quota(refusal) => ApiError::QuotaExceeded(refusal),
+            AcceptError::Db(db) => ApiError::db(db),
+            AcceptError::NoRow(what) => ApiError::Internal(anyhow::anyhow!(what)),
+            AcceptError::Json(json) => ApiError::Internal(json.into()),
+        }
+    }
 }
