@@ -29,16 +29,64 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use bulkops_shared::batch::reason;
+use bulkops_shared::batch::BatchKind;
+use bulkops_shared::batch::{ItemStatus, reason};
 use bulkops_shared::db::stmt;
+use bulkops_shared::lock::LockTarget;
 use bulkops_shared::mapping::{
     AGENT_COLUMNS, CONVERT_FIELDS, change_rows, insert_lists, merge_set_list,
 };
 use bulkops_shared::progress::OutcomeDelta;
-use sea_orm::{ConnectionTrait, DbErr};
+use futures_util::future::BoxFuture;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 
+use crate::job::{Job, Prepared};
 use crate::meta::BatchMeta;
 use crate::outcomes::Outcome;
+
+/// Conversion as a [`Job`]: an item locks its Sales Record and the Individual it would
+/// merge into ([`merge_targets`], read before locking), and [`apply`] runs the chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvertJob;
+
+impl Job for ConvertJob {
+    fn kind(&self) -> BatchKind {
+        BatchKind::ConvertSalesRecords
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        db: &'a DatabaseConnection,
+        meta: &'a BatchMeta,
+        targets: &'a [i64],
+    ) -> BoxFuture<'a, Result<Prepared, DbErr>> {
+        Box::pin(async move {
+            Ok(Prepared {
+                touches: merge_targets(db, meta, targets).await?,
+            })
+        })
+    }
+
+    fn lock_targets(&self, target: i64, prepared: &Prepared) -> Vec<LockTarget> {
+        let mut keys = vec![LockTarget::SalesRecord(target)];
+        if let Some(ind) = prepared.touches.get(&target) {
+            keys.push(LockTarget::Individual(*ind));
+        }
+        keys
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a DatabaseTransaction,
+        meta: &'a BatchMeta,
+        items: &'a [(i64, i64)],
+    ) -> BoxFuture<'a, Result<OutcomeDelta, DbErr>> {
+        Box::pin(async move {
+            let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
+            apply(tx, meta, &seqs).await
+        })
+    }
+}
 
 /// The child tables re-owned unchanged (notes are handled apart).
 pub const CHILD_TABLES: [&str; 9] = [
@@ -319,7 +367,8 @@ pub async fn merge_targets(
 }
 
 /// Converts the Sales Records of `seqs` (items of `meta`'s batch) in the caller's
-/// transaction and records every item's outcome. Returns the outcomes newly recorded.
+/// transaction and records every item's outcome: [`lock_and_classify`], then
+/// [`execute`]. Returns the outcomes newly recorded.
 ///
 /// # Errors
 /// Database errors; the caller rolls back.
@@ -328,6 +377,31 @@ pub async fn apply(
     meta: &BatchMeta,
     seqs: &[i64],
 ) -> Result<OutcomeDelta, DbErr> {
+    let plan = lock_and_classify(tx, meta, seqs).await?;
+    execute(tx, meta, plan).await
+}
+
+/// What a chunk's conversion will do, item by item, once its rows are locked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// (seq, Sales Record, Individual): merges into an existing Individual.
+    pub merges: Vec<(i64, i64, i64)>,
+    /// (seq, Sales Record): conversions into a new Individual.
+    pub news: Vec<(i64, i64)>,
+    /// Items decided without converting (skipped or failed).
+    pub others: Vec<Outcome>,
+}
+
+/// Steps 1 and 2: locks the still-pending items of `seqs`, their Sales Records, sales
+/// policies and merge targets, and classifies each item ([`classify`]).
+///
+/// # Errors
+/// Database errors; the caller rolls back.
+pub async fn lock_and_classify(
+    tx: &impl ConnectionTrait,
+    meta: &BatchMeta,
+    seqs: &[i64],
+) -> Result<Plan, DbErr> {
     // 1. Lock what is still pending, then the records and their merge targets.
     let pending = tx
         .query_all_raw(stmt(
@@ -340,7 +414,7 @@ pub async fn apply(
         ))
         .await?;
     if pending.is_empty() {
-        return Ok(OutcomeDelta::default());
+        return Ok(Plan::default());
     }
     let mut items: Vec<(i64, i64)> = Vec::with_capacity(pending.len());
     for r in &pending {
@@ -431,20 +505,42 @@ pub async fn apply(
             Decision::AlreadyConverted(ind) => others.push(Outcome {
                 seq: *seq,
                 target: *target,
-                status: "skipped",
+                status: ItemStatus::Skipped,
                 result_id: Some(ind),
                 reason: Some(reason::ALREADY_CONVERTED),
             }),
             Decision::Fail(why) => others.push(Outcome {
                 seq: *seq,
                 target: *target,
-                status: "failed",
+                status: ItemStatus::Failed,
                 result_id: None,
                 reason: Some(why),
             }),
         }
     }
+    Ok(Plan {
+        merges,
+        news,
+        others,
+    })
+}
 
+/// Steps 3 to 6 over locked, classified items: creates or merges the Individuals, moves
+/// custom fields, children and policies, deletes the Sales Records, logs the conversions,
+/// writes the events and every item's outcome.
+///
+/// # Errors
+/// Database errors; the caller rolls back.
+pub async fn execute(
+    tx: &impl ConnectionTrait,
+    meta: &BatchMeta,
+    plan: Plan,
+) -> Result<OutcomeDelta, DbErr> {
+    let Plan {
+        merges,
+        news,
+        others,
+    } = plan;
     let mut delta = OutcomeDelta::default();
     if !merges.is_empty() || !news.is_empty() {
         // 3. New Individuals get ids reserved now, so every later statement can map

@@ -21,14 +21,41 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
-use bulkops_shared::batch::reason;
+use bulkops_shared::batch::BatchKind;
+use bulkops_shared::batch::{ItemStatus, reason};
 use bulkops_shared::db::stmt;
+use bulkops_shared::lock::LockTarget;
 use bulkops_shared::mapping::{CREATE_FIELDS, create_copied_types, insert_lists};
 use bulkops_shared::progress::OutcomeDelta;
-use sea_orm::{ConnectionTrait, DbErr};
+use futures_util::future::BoxFuture;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr};
 
+use crate::job::{Job, Prepared};
 use crate::meta::BatchMeta;
 use crate::outcomes::Outcome;
+
+/// Bulk create as a [`Job`]: an item locks its Individual, and [`apply`] runs the chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateJob;
+
+impl Job for CreateJob {
+    fn kind(&self) -> BatchKind {
+        BatchKind::CreateSalesRecords
+    }
+
+    fn lock_targets(&self, target: i64, _prepared: &Prepared) -> Vec<LockTarget> {
+        vec![LockTarget::Individual(target)]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a DatabaseTransaction,
+        meta: &'a BatchMeta,
+        items: &'a [(i64, i64)],
+    ) -> BoxFuture<'a, Result<OutcomeDelta, DbErr>> {
+        Box::pin(apply(tx, meta, items))
+    }
+}
 
 /// The statement, generated once from the mapping data. For the chunk's pending items it
 /// inserts their Sales Records, copies custom fields and writes the events, and returns ids
@@ -114,7 +141,7 @@ pub fn decide(
         Outcome {
             seq,
             target,
-            status: "created",
+            status: ItemStatus::Created,
             result_id: Some(*sr),
             reason: None,
         }
@@ -122,7 +149,7 @@ pub fn decide(
         Outcome {
             seq,
             target,
-            status: "failed",
+            status: ItemStatus::Failed,
             result_id: None,
             reason: Some(reason::NOT_FOUND),
         }
@@ -130,7 +157,7 @@ pub fn decide(
         Outcome {
             seq,
             target,
-            status: "skipped",
+            status: ItemStatus::Skipped,
             result_id: existing.get(&target).copied(),
             reason: Some(reason::ALREADY_HAS_SALES_RECORD),
         }
@@ -225,7 +252,7 @@ mod tests {
         let existing = HashMap::from([(2, 200)]);
         assert_eq!(
             decide(7, 1, &missing, &created, &existing).status,
-            "created"
+            ItemStatus::Created
         );
         assert_eq!(
             decide(7, 1, &missing, &created, &existing).result_id,
@@ -234,14 +261,18 @@ mod tests {
         let skipped = decide(8, 2, &missing, &created, &existing);
         assert_eq!(
             (skipped.status, skipped.result_id, skipped.reason),
-            ("skipped", Some(200), Some("already_has_sales_record"))
+            (
+                ItemStatus::Skipped,
+                Some(200),
+                Some("already_has_sales_record")
+            )
         );
         // A conflict with a record that is gone again by the time it is looked up: unnamed.
         assert_eq!(decide(9, 3, &missing, &created, &existing).result_id, None);
         let not_found = decide(10, 4, &missing, &created, &existing);
         assert_eq!(
             (not_found.status, not_found.reason),
-            ("failed", Some("not_found"))
+            (ItemStatus::Failed, Some("not_found"))
         );
     }
 

@@ -4,14 +4,16 @@
 //! # Layout
 //! - [`acks`]: many deliveries acknowledged with one frame, in order.
 //! - [`consumer`]: one consumer per lane; prefetch, bounded concurrency, batching, drain.
-//! - [`process`]: the chunk pipeline (locks, transaction, ack after commit, retries,
-//!   dead letters).
-//! - [`create`], [`convert`]: each job's rules as set-based SQL over a chunk.
+//! - [`process`]: the chunk pipeline: take a chunk → lock → apply in one transaction → ack.
+//! - [`job`]: the [`job::Job`] trait a kind of batch implements (lock targets, prepare,
+//!   apply); [`create`] and [`convert`] are its two jobs, set-based SQL over a chunk.
+//! - [`route`]: where failed deliveries go (delayed retry queues, the dead-letter queue).
 //! - [`meta`]: cached batch facts.
 //! - [`outcomes`]: recording a chunk's item outcomes in one statement.
 //! - [`retry`]: failure classes, retry tiers, attempt history headers.
 //! - [`gate`]: the record locks, waited for a bounded time and then bypassed.
-//! - [`outage`]: waiting out an unreachable dependency, once per worker in the logs.
+//! - [`outage`]: waiting out an unreachable dependency (probe, wait, once per worker in the
+//!   logs) and what follows a failure.
 //! - [`status`]: the outage report that holds the producers' stall sweeper.
 //! - [`deadletter`]: records the failure of dead-lettered items.
 //! - [`heartbeat`]: readiness written to `worker_heartbeats` for the operator console.
@@ -30,11 +32,13 @@ pub mod create;
 pub mod deadletter;
 pub mod gate;
 pub mod heartbeat;
+pub mod job;
 pub mod meta;
 pub mod outage;
 pub mod outcomes;
 pub mod process;
 pub mod retry;
+pub mod route;
 pub mod server;
 pub mod spans;
 pub mod status;

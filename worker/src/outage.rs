@@ -7,13 +7,17 @@
 //! only held up, see `status`).
 
 use std::sync::Mutex;
+
+use bulkops_shared::batch::BatchKind;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::ratelog::LogGate;
+use sea_orm::ConnectionTrait;
 
-use crate::retry::Dependency;
+use crate::process::Processor;
+use crate::retry::{Dependency, Failure};
 
 /// Every dependency a worker waits for.
 const ALL: [Dependency; 2] = [Dependency::Database, Dependency::Redis];
@@ -161,6 +165,110 @@ impl Waiting<'_> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.outages.leave(self.dep);
+    }
+}
+
+// Riding out an outage inside the chunk pipeline: what follows a failure, the probe and
+// the wait.
+
+/// What follows a failure.
+pub(crate) enum Then {
+    /// Try again (after the wait or pause that already happened).
+    Retry,
+    /// Stop trying here; hand the work on with this failure.
+    Stop(Failure),
+}
+
+impl Processor {
+    /// Decides what follows `failure`. A failure that names the database is checked with a
+    /// probe: if the database does not answer either, this is an outage, waited out
+    /// without spending an attempt (`Retry` once it answers). Otherwise the failure is
+    /// unexplained: with `count`, it spends one of the in-process retries of `budget`
+    /// (a jittered exponential pause, then `Retry`); without, or when they are spent, it
+    /// stops with the failure for the caller to split, delay or dead-letter.
+    pub(crate) async fn after_failure(
+        &self,
+        failure: Failure,
+        budget: &mut impl Iterator<Item = Duration>,
+        count: bool,
+        kind: BatchKind,
+        err: &(dyn std::fmt::Display + Sync),
+    ) -> Then {
+        self.metrics
+            .failures
+            .with_label_values(&[failure.class()])
+            .inc();
+        if let Some(dep) = failure.suspects()
+            && !self.probe(dep).await
+        {
+            return if self.ride_out(dep).await {
+                Then::Retry
+            } else {
+                Then::Stop(Failure::Interrupted)
+            };
+        }
+        let Failure::Transient(class) = &failure else {
+            if let Some(held) = self.logs.admit(failure.class()) {
+                tracing::warn!(class = failure.class(), error = %err, repeats_since_last_line = held, "permanent database failure");
+            }
+            return Then::Stop(failure);
+        };
+        let class = class.name();
+        if let Some(held) = self.logs.admit(class) {
+            tracing::warn!(class, error = %err, repeats_since_last_line = held, "transient failure the database probe does not explain; retrying with backoff, counted");
+        }
+        if !count {
+            return Then::Stop(failure);
+        }
+        match budget.next() {
+            Some(pause) => {
+                self.metrics
+                    .retries
+                    .with_label_values(&[kind.label(), "in_process"])
+                    .inc();
+                tokio::time::sleep(pause).await;
+                Then::Retry
+            }
+            None => Then::Stop(failure),
+        }
+    }
+}
+
+impl Processor {
+    /// Whether `dep` answers now (within a short timeout).
+    async fn probe(&self, dep: Dependency) -> bool {
+        match dep {
+            Dependency::Database => matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.control
+                        .execute_raw(bulkops_shared::db::stmt("SELECT 1", [])),
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+            Dependency::Redis => self.gate.locks().ping().await.is_ok(),
+        }
+    }
+
+    /// Waits, with backoff, until `dep` answers again. Returns false when the worker is
+    /// shutting down first. Deliveries in hand stay unacknowledged meanwhile (bounded by
+    /// the prefetch), so nothing is lost and no attempt is spent on an outage. It sleeps
+    /// before every probe, so a flapping dependency cannot make it spin.
+    async fn ride_out(&self, dep: Dependency) -> bool {
+        let mut waiting = self.outages.enter(dep);
+        let mut backoff = bulkops_shared::amqp::reconnect_backoff();
+        loop {
+            let pause = backoff.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                () = tokio::time::sleep(pause) => {}
+            }
+            if self.probe(dep).await {
+                return true;
+            }
+            waiting.still();
+        }
     }
 }
 

@@ -1,31 +1,33 @@
-//! The chunk pipeline: from a handful of deliveries to committed outcomes and acks.
+//! The chunk pipeline: take a chunk → lock → apply in one transaction → ack.
 //!
-//! For each batch in a chunk: take the Redis locks of every target in one round trip
-//! (through the [`LockGate`], which waits a bounded time for a Redis that refuses or does
-//! not answer, then bypasses it); run the batch's rules over the locked items in one
-//! transaction, commit together with the batch counters, and only then acknowledge. Items
-//! whose lock another worker holds are retried in process after a short jittered pause,
-//! then through the delayed retry queues.
+//! For each batch in a chunk: find the batch's [`Job`] ([`crate::job::for_kind`]); take the
+//! Redis locks of every target in one round trip (through the [`LockGate`], which waits a
+//! bounded time for a Redis that refuses or does not answer, then bypasses it); run the
+//! job over the locked items in one transaction, commit together with the batch counters,
+//! and only then acknowledge. Items whose lock another worker holds are retried in process
+//! after a short jittered pause, then through the delayed retry queues.
 //!
 //! Failures are handled by what they mean ([`crate::retry`]): one the database probe
-//! explains (it does not answer either) is waited out without spending an attempt; one it
-//! does not explain pauses with backoff and counts; a failing chunk of several items is
-//! split in halves until the failure is isolated. Failures that outlast the retries, and
-//! permanent ones, are dead-lettered with their history; the dead-letter watcher then
-//! records the item as `failed`. Nothing is acknowledged that did not commit or move on,
-//! and no path retries without a pause. Log lines are rate-limited per failure class.
+//! explains (it does not answer either) is waited out without spending an attempt
+//! ([`crate::outage`]); one it does not explain pauses with backoff and counts; a failing
+//! chunk of several items is split in halves until the failure is isolated. Failures that
+//! outlast the retries, and permanent ones, are routed on ([`crate::route`]): to a delayed
+//! retry queue or, with their history, to the dead-letter queue, where the dead-letter
+//! watcher records the item as `failed`. Nothing is acknowledged that did not commit or
+//! move on, and no path retries without a pause. Log lines are rate-limited per failure
+//! class.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use bulkops_shared::amqp::{Outgoing, Publisher};
-use bulkops_shared::batch::{BatchKind, Lane, reason};
+use bulkops_shared::amqp::Publisher;
+use bulkops_shared::batch::{Lane, reason};
 use bulkops_shared::config::WorkerSettings;
 use bulkops_shared::ids::BatchId;
 use bulkops_shared::lock::{LockTarget, Locks};
-use bulkops_shared::messages::{Op, WorkMessage};
+use bulkops_shared::messages::WorkMessage;
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
 use bulkops_shared::ratelog::LogGate;
@@ -37,12 +39,14 @@ use tracing::Instrument as _;
 
 use crate::acks::AckTracker;
 use crate::gate::{Acquired, LockGate};
+use crate::job::Job;
 use crate::meta::{BatchMeta, MetaCache};
-use crate::outage::Outages;
-use crate::retry::{self, Dependency, Failure, Next};
+use crate::outage::{Outages, Then};
+use crate::retry::{self, Class, Failure};
+use crate::route::Settle;
 
 /// Header the splitter stamps with the publish time (Unix ms).
-const PUBLISHED_AT: &str = "x-published-at-ms";
+use bulkops_shared::messages::headers::PUBLISHED_AT;
 
 /// One decoded delivery.
 pub struct Work {
@@ -97,14 +101,6 @@ pub struct Processor {
 /// usable; the client-side timeout is for a server that does not answer at all.
 const CHUNK_GRACE: Duration = Duration::from_secs(1);
 
-/// What follows a failure.
-enum Then {
-    /// Try again (after the wait or pause that already happened).
-    Retry,
-    /// Stop trying here; hand the work on with this failure.
-    Stop(Failure),
-}
-
 impl Processor {
     /// Processes one chunk of deliveries from `lane`. Every delivery is acked, re-routed or
     /// (when even that fails) returned to the queue before this returns.
@@ -148,6 +144,10 @@ impl Processor {
 
     async fn process_batch(self: &Arc<Self>, lane: Lane, batch_id: BatchId, works: Vec<Work>) {
         let mut budget = retry::in_process_backoff(self.settings.in_process_retries);
+        // Until the batch is read, its kind is the one its messages name.
+        let Some(named) = works.first().map(|w| w.msg.op.kind()) else {
+            return;
+        };
         let meta = loop {
             match self.meta.get(batch_id).await {
                 Ok(Some(meta)) => break meta,
@@ -158,7 +158,7 @@ impl Processor {
                     return;
                 }
                 Err(e) => match self
-                    .after_failure(Failure::from_db(&e), &mut budget, true, &e)
+                    .after_failure(Failure::from_db(&e), &mut budget, true, named, &e)
                     .await
                 {
                     Then::Retry => continue,
@@ -172,10 +172,8 @@ impl Processor {
         tracing::Span::current()
             .record("kind", meta.kind.as_str())
             .record("agency_id", meta.agency_id.0);
-        let expected_op = match meta.kind {
-            BatchKind::CreateSalesRecords => Op::CreateSalesRecord,
-            BatchKind::ConvertSalesRecords => Op::ConvertSalesRecord,
-        };
+        let job = crate::job::for_kind(meta.kind);
+        let expected_op = meta.kind.op();
         let (works, wrong): (Vec<Work>, Vec<Work>) =
             works.into_iter().partition(|w| w.msg.op == expected_op);
         if !wrong.is_empty() {
@@ -193,44 +191,35 @@ impl Processor {
         let token = Locks::new_token();
         let mut backoff = retry::in_process_backoff(self.settings.in_process_retries);
         while !todo.is_empty() {
-            let merge = if meta.kind == BatchKind::ConvertSalesRecords {
-                let ids: Vec<i64> = todo.iter().map(|w| w.msg.target_id).collect();
-                let looked_up = bulkops_shared::db::timed(
-                    self.call_timeout,
-                    "merge targets",
-                    crate::convert::merge_targets(&self.db, &meta, &ids),
-                )
-                .await;
-                match looked_up {
-                    Ok(m) => m,
-                    Err(e) => {
-                        match self
-                            .after_failure(Failure::from_db(&e), &mut budget, true, &e)
-                            .await
-                        {
-                            Then::Retry => continue,
-                            Then::Stop(failure) => {
-                                self.fail(lane, std::mem::take(&mut todo), failure).await;
-                                break;
-                            }
+            let ids: Vec<i64> = todo.iter().map(|w| w.msg.target_id).collect();
+            let prepared = match bulkops_shared::db::timed(
+                self.call_timeout,
+                "prepare the locks",
+                job.prepare(&self.db, &meta, &ids),
+            )
+            .await
+            {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    match self
+                        .after_failure(
+                            Failure::from_db(&e),
+                            &mut budget,
+                            true,
+                            meta.kind,
+                            &e,
+                        )
+                        .await
+                    {
+                        Then::Retry => continue,
+                        Then::Stop(failure) => {
+                            self.fail(lane, std::mem::take(&mut todo), failure).await;
+                            break;
                         }
                     }
                 }
-            } else {
-                HashMap::new()
             };
-            let keys_of = |w: &Work| -> Vec<LockTarget> {
-                match meta.kind {
-                    BatchKind::CreateSalesRecords => vec![LockTarget::Individual(w.msg.target_id)],
-                    BatchKind::ConvertSalesRecords => {
-                        let mut k = vec![LockTarget::SalesRecord(w.msg.target_id)];
-                        if let Some(ind) = merge.get(&w.msg.target_id) {
-                            k.push(LockTarget::Individual(*ind));
-                        }
-                        k
-                    }
-                }
-            };
+            let keys_of = |w: &Work| job.lock_targets(w.msg.target_id, &prepared);
             let mut keys: Vec<LockTarget> = todo.iter().flat_map(keys_of).collect();
             keys.sort_unstable();
             keys.dedup();
@@ -254,7 +243,7 @@ impl Processor {
                         .with_label_values(&[meta.kind.label()])
                         .inc_by(todo.len() as u64);
                     let ready = std::mem::take(&mut todo);
-                    self.commit_and_ack(lane, &meta, ready).await;
+                    self.commit_and_ack(lane, job, &meta, ready).await;
                     break;
                 }
                 Err(crate::gate::Interrupted) => {
@@ -267,7 +256,7 @@ impl Processor {
                 .into_iter()
                 .partition(|w| keys_of(w).iter().all(|k| held_keys.contains(k)));
             if !ready.is_empty() {
-                self.commit_and_ack(lane, &meta, ready).await;
+                self.commit_and_ack(lane, job, &meta, ready).await;
             }
             let mine: Vec<LockTarget> = held_keys.into_iter().collect();
             if let Err(e) = self.gate.locks().release(&token, &mine).await {
@@ -290,12 +279,8 @@ impl Processor {
                     todo = contended;
                 }
                 None => {
-                    self.fail(
-                        lane,
-                        contended,
-                        Failure::Transient("lock_contention".into()),
-                    )
-                    .await;
+                    self.fail(lane, contended, Failure::Transient(Class::LockContention))
+                        .await;
                 }
             }
         }
@@ -307,10 +292,16 @@ impl Processor {
     /// fails (other than by an outage) is split in halves, each run on its own, so that one
     /// item's failure, permanent or not, neither fails nor spends the attempts of the
     /// others: about 2·log2(n) transactions isolate one bad item among n.
-    async fn commit_and_ack(self: &Arc<Self>, lane: Lane, meta: &Arc<BatchMeta>, works: Vec<Work>) {
+    async fn commit_and_ack(
+        self: &Arc<Self>,
+        lane: Lane,
+        job: &'static dyn Job,
+        meta: &Arc<BatchMeta>,
+        works: Vec<Work>,
+    ) {
         let started = Instant::now();
         let items: Vec<(i64, i64)> = works.iter().map(|w| (w.msg.seq, w.msg.target_id)).collect();
-        match self.commit_with_retries(meta, &items).await {
+        match self.commit_with_retries(job, meta, &items).await {
             Ok(delta) => {
                 self.record_success(lane, meta, &works, delta, started);
                 self.settle(&works, Settle::Ack).await;
@@ -324,8 +315,8 @@ impl Processor {
                 );
                 let mut first = works;
                 let second = first.split_off(first.len() / 2);
-                Box::pin(self.commit_and_ack(lane, meta, first)).await;
-                Box::pin(self.commit_and_ack(lane, meta, second)).await;
+                Box::pin(self.commit_and_ack(lane, job, meta, first)).await;
+                Box::pin(self.commit_and_ack(lane, job, meta, second)).await;
             }
             Err(failure) => self.fail(lane, works, failure).await,
         }
@@ -348,7 +339,7 @@ impl Processor {
             if n > 0 {
                 self.metrics
                     .items_processed
-                    .with_label_values(&[kind, outcome])
+                    .with_label_values(&[kind, outcome.as_str()])
                     .inc_by(n.unsigned_abs());
             }
         }
@@ -369,82 +360,35 @@ impl Processor {
     /// unexplained failure: the caller splits it instead.
     async fn commit_with_retries(
         &self,
+        job: &dyn Job,
         meta: &BatchMeta,
         items: &[(i64, i64)],
     ) -> Result<OutcomeDelta, Failure> {
         let mut budget = retry::in_process_backoff(self.settings.in_process_retries);
         loop {
-            let (failure, err) = match self.commit(meta, items).await {
-                Ok(delta) => return Ok(delta),
-                Err(ChunkError::Db(e)) => (Failure::from_db(&e), Some(e)),
-                Err(ChunkError::Timeout) => (Failure::chunk_timeout(), None),
-            };
             // The commit may or may not have happened; running the chunk again is safe
             // either way (items leave `pending` once).
-            let detail = err.unwrap_or_else(|| {
-                sea_orm::DbErr::Custom(format!(
-                    "chunk transaction did not finish within {:?}",
-                    self.chunk_timeout
-                ))
-            });
+            let err = match self.commit(job, meta, items).await {
+                Ok(delta) => return Ok(delta),
+                Err(err) => err,
+            };
+            let failure = match &err {
+                ChunkError::Db(e) => Failure::from_db(e),
+                ChunkError::Timeout(_) => Failure::chunk_timeout(),
+            };
             match self
-                .after_failure(failure, &mut budget, items.len() == 1, &detail)
+                .after_failure(
+                    failure,
+                    &mut budget,
+                    items.len() == 1,
+                    meta.kind,
+                    &err,
+                )
                 .await
             {
                 Then::Retry => continue,
                 Then::Stop(failure) => return Err(failure),
             }
-        }
-    }
-
-    /// Decides what follows `failure`. A failure that names the database is checked with a
-    /// probe: if the database does not answer either, this is an outage, waited out
-    /// without spending an attempt (`Retry` once it answers). Otherwise the failure is
-    /// unexplained: with `count`, it spends one of the in-process retries of `budget`
-    /// (a jittered exponential pause, then `Retry`); without, or when they are spent, it
-    /// stops with the failure for the caller to split, delay or dead-letter.
-    async fn after_failure(
-        &self,
-        failure: Failure,
-        budget: &mut impl Iterator<Item = Duration>,
-        count: bool,
-        err: &sea_orm::DbErr,
-    ) -> Then {
-        self.metrics
-            .failures
-            .with_label_values(&[failure.class()])
-            .inc();
-        if let Some(dep) = failure.suspects()
-            && !self.probe(dep).await
-        {
-            return if self.ride_out(dep).await {
-                Then::Retry
-            } else {
-                Then::Stop(Failure::Interrupted)
-            };
-        }
-        let Failure::Transient(class) = &failure else {
-            if let Some(held) = self.logs.admit(failure.class()) {
-                tracing::warn!(class = failure.class(), error = %err, repeats_since_last_line = held, "permanent database failure");
-            }
-            return Then::Stop(failure);
-        };
-        if let Some(held) = self.logs.admit(class) {
-            tracing::warn!(class, error = %err, repeats_since_last_line = held, "transient failure the database probe does not explain; retrying with backoff, counted");
-        }
-        if !count {
-            return Then::Stop(failure);
-        }
-        match budget.next() {
-            Some(pause) => {
-                self.metrics
-                    .retries
-                    .with_label_values(&["any", "in_process"])
-                    .inc();
-                tokio::time::sleep(pause).await;
-                Then::Retry
-            }
-            None => Then::Stop(failure),
         }
     }
 
@@ -458,13 +402,14 @@ impl Processor {
     /// attempt and block the retry, and the dropped connection is discarded by the pool.
     async fn commit(
         &self,
+        job: &dyn Job,
         meta: &BatchMeta,
         items: &[(i64, i64)],
     ) -> Result<OutcomeDelta, ChunkError> {
         let backend = AtomicI32::new(0);
         match tokio::time::timeout(
             self.chunk_timeout + CHUNK_GRACE,
-            self.commit_unbounded(meta, items, &backend),
+            self.commit_unbounded(job, meta, items, &backend),
         )
         .await
         {
@@ -485,7 +430,7 @@ impl Processor {
                         tracing::debug!(error = %e, "could not cancel a timed-out chunk's query; the server ends it");
                     }
                 }
-                Err(ChunkError::Timeout)
+                Err(ChunkError::Timeout(self.chunk_timeout))
             }
         }
     }
@@ -499,6 +444,7 @@ impl Processor {
     ))]
     async fn commit_unbounded(
         &self,
+        job: &dyn Job,
         meta: &BatchMeta,
         items: &[(i64, i64)],
         backend: &AtomicI32,
@@ -522,13 +468,7 @@ impl Processor {
         }
         // The events this transaction writes continue this span's trace.
         bulkops_shared::telemetry::propagation::stamp_transaction(&tx).await?;
-        let delta = match meta.kind {
-            BatchKind::CreateSalesRecords => crate::create::apply(&tx, meta, items).await?,
-            BatchKind::ConvertSalesRecords => {
-                let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
-                crate::convert::apply(&tx, meta, &seqs).await?
-            }
-        };
+        let delta = job.apply(&tx, meta, items).await?;
         crate::spans::record_outcomes(&delta);
         let completed = record_outcomes(&tx, meta.id, delta).await?;
         tx.commit()
@@ -539,198 +479,17 @@ impl Processor {
         }
         Ok(delta)
     }
-
-    /// Hands failed deliveries on: transient ones to a delayed retry queue (or, with their
-    /// attempts spent, to the dead-letter queue); permanent ones to the dead-letter queue.
-    async fn fail(&self, lane: Lane, works: Vec<Work>, failure: Failure) {
-        match failure {
-            Failure::Interrupted => self.settle(&works, Settle::Requeue).await,
-            Failure::Permanent(class) => self.dead_letter(lane, works, reason::ERROR, &class).await,
-            Failure::Transient(class) => {
-                let mut delayed: Vec<(Work, usize)> = Vec::new();
-                let mut exhausted = Vec::new();
-                for w in works {
-                    match retry::next_step(
-                        w.attempt,
-                        self.settings.max_attempts,
-                        self.topology.retry_tiers(),
-                    ) {
-                        Next::Delay(tier) => delayed.push((w, tier)),
-                        Next::GiveUp => exhausted.push(w),
-                    }
-                }
-                if !exhausted.is_empty() {
-                    self.dead_letter(lane, exhausted, reason::RETRIES_EXHAUSTED, &class)
-                        .await;
-                }
-                if delayed.is_empty() {
-                    return;
-                }
-                let queues: Vec<String> = delayed
-                    .iter()
-                    .map(|(_, tier)| self.topology.retry_queue(lane, *tier))
-                    .collect();
-                let outgoing: Vec<Outgoing<'_>> = delayed
-                    .iter()
-                    .zip(&queues)
-                    .map(|((w, _), queue)| Outgoing {
-                        exchange: "",
-                        routing_key: queue,
-                        body: &w.delivery.data,
-                        properties: w.delivery.properties.clone().with_headers(
-                            retry::next_headers(
-                                w.delivery.properties.headers().as_ref(),
-                                w.attempt,
-                                &class,
-                                None,
-                            ),
-                        ),
-                        mandatory: true,
-                    })
-                    .collect();
-                let n = outgoing.len();
-                let settle = match self.publisher.publish_all(outgoing).await {
-                    Ok(_) => {
-                        self.metrics
-                            .retries
-                            .with_label_values(&["any", "delayed"])
-                            .inc_by(n as u64);
-                        Settle::Ack
-                    }
-                    Err(e) => {
-                        if let Some(held) = self.logs.admit("publish_retries") {
-                            tracing::warn!(error = %e, repeats_since_last_line = held, "could not publish retries; returning the messages to the queue");
-                        }
-                        Settle::Requeue
-                    }
-                };
-                let works: Vec<Work> = delayed.into_iter().map(|(w, _)| w).collect();
-                self.settle(&works, settle).await;
-            }
-        }
-    }
-
-    /// Sends copies of `works` to the dead-letter exchange with their history and `reason`,
-    /// then acknowledges them. The dead-letter watcher records the items' failure.
-    async fn dead_letter(&self, lane: Lane, works: Vec<Work>, reason: &str, class: &str) {
-        let dlx = self.topology.dead_letter_exchange();
-        let queue = self.topology.work_queue(lane);
-        let outgoing: Vec<Outgoing<'_>> = works
-            .iter()
-            .map(|w| Outgoing {
-                exchange: &dlx,
-                routing_key: &queue,
-                body: &w.delivery.data,
-                properties: w
-                    .delivery
-                    .properties
-                    .clone()
-                    .with_headers(retry::next_headers(
-                        w.delivery.properties.headers().as_ref(),
-                        w.attempt,
-                        class,
-                        Some(reason),
-                    )),
-                mandatory: true,
-            })
-            .collect();
-        let settle = match self.publisher.publish_all(outgoing).await {
-            Ok(n) => {
-                self.metrics
-                    .dead_lettered
-                    .with_label_values(&[reason])
-                    .inc_by(n as u64);
-                for w in &works {
-                    tracing::warn!(seq = w.msg.seq, reason, class, "item dead-lettered");
-                }
-                Settle::Ack
-            }
-            Err(e) => {
-                if let Some(held) = self.logs.admit("publish_dead_letters") {
-                    tracing::warn!(error = %e, repeats_since_last_line = held, "could not dead-letter; returning the messages to the queue");
-                }
-                Settle::Requeue
-            }
-        };
-        self.settle(&works, settle).await;
-    }
-
-    /// Settles deliveries of one channel: acks in one frame where the tracker allows.
-    async fn settle(&self, works: &[Work], how: Settle) {
-        let Some(first) = works.first() else { return };
-        let tracker = &first.tracker;
-        match how {
-            Settle::Ack => {
-                let tags: Vec<u64> = works.iter().map(|w| w.delivery.delivery_tag).collect();
-                tracker
-                    .ack(&tags)
-                    .instrument(tracing::info_span!("worker.ack", items = tags.len()))
-                    .await;
-            }
-            Settle::Requeue => {
-                // Give the failing dependency a moment before the messages come round again.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                for w in works {
-                    tracker.requeue(w.delivery.delivery_tag).await;
-                }
-            }
-        }
-    }
 }
 
 /// Why a chunk's transaction did not commit.
+#[derive(Debug, thiserror::Error)]
 enum ChunkError {
     /// The database said so.
+    #[error(transparent)]
     Db(sea_orm::DbErr),
     /// It outlived `worker.chunk_timeout_ms` (not a connection error: the probe decides).
-    Timeout,
-}
-
-impl Processor {
-    /// Whether `dep` answers now (within a short timeout).
-    async fn probe(&self, dep: Dependency) -> bool {
-        match dep {
-            Dependency::Database => matches!(
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    self.control
-                        .execute_raw(bulkops_shared::db::stmt("SELECT 1", [])),
-                )
-                .await,
-                Ok(Ok(_))
-            ),
-            Dependency::Redis => self.gate.locks().ping().await.is_ok(),
-        }
-    }
-
-    /// Waits, with backoff, until `dep` answers again. Returns false when the worker is
-    /// shutting down first. Deliveries in hand stay unacknowledged meanwhile (bounded by
-    /// the prefetch), so nothing is lost and no attempt is spent on an outage. It sleeps
-    /// before every probe, so a flapping dependency cannot make it spin.
-    async fn ride_out(&self, dep: Dependency) -> bool {
-        let mut waiting = self.outages.enter(dep);
-        let mut backoff = bulkops_shared::amqp::reconnect_backoff();
-        loop {
-            let pause = backoff.next().unwrap_or(Duration::from_secs(5));
-            tokio::select! {
-                () = self.shutdown.cancelled() => return false,
-                () = tokio::time::sleep(pause) => {}
-            }
-            if self.probe(dep).await {
-                return true;
-            }
-            waiting.still();
-        }
-    }
-}
-
-/// How a delivery is settled with the broker.
-#[derive(Debug, Clone, Copy)]
-enum Settle {
-    /// Done (committed, or handed on to a retry or dead-letter queue).
-    Ack,
-    /// Back to the queue (nothing could be done now).
-    Requeue,
+    #[error("chunk transaction did not finish within {0:?}")]
+    Timeout(Duration),
 }
 
 fn published_at(delivery: &Delivery) -> Option<i64> {

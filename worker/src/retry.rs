@@ -26,16 +26,17 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use bulkops_shared::messages::headers;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 /// Delivery attempts so far (1 on the first delivery).
-pub const ATTEMPTS: &str = "x-attempts";
+pub const ATTEMPTS: &str = headers::ATTEMPTS;
 /// `attempt:class` entries, oldest first, comma-separated.
-pub const HISTORY: &str = "x-attempt-history";
+pub const HISTORY: &str = headers::HISTORY;
 /// Why the message was dead-lettered (an item reason, e.g. `retries_exhausted`).
-pub const REASON: &str = "x-bulkops-reason";
+pub const REASON: &str = headers::REASON;
 /// When the first failure happened (Unix ms).
-pub const FIRST_FAILED_AT: &str = "x-first-failed-at-ms";
+pub const FIRST_FAILED_AT: &str = headers::FIRST_FAILED_AT;
 
 /// A dependency a failure can implicate, and that a worker can wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,16 +57,47 @@ impl Dependency {
     }
 }
 
-/// The class of a chunk that did not finish within `worker.chunk_timeout_ms`.
-pub const CHUNK_TIMEOUT: &str = "chunk_timeout";
+/// What went wrong, as the class named in headers, metrics and log lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    /// The server answered with an error: `db_<SQLSTATE>` (the string is the whole name).
+    Db(String),
+    /// A database call outlived its client-side timeout: `db_timeout`.
+    DbTimeout,
+    /// The connection failed without a SQLSTATE: `db_connection`.
+    DbConnection,
+    /// A chunk did not finish within `worker.chunk_timeout_ms`: `chunk_timeout`.
+    ChunkTimeout,
+    /// Another worker held a record's lock through every in-process retry:
+    /// `lock_contention`.
+    LockContention,
+}
+
+impl Class {
+    /// A server error's class.
+    pub fn sqlstate(code: &str) -> Self {
+        Self::Db(format!("db_{code}"))
+    }
+
+    /// The class's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Db(name) => name,
+            Self::DbTimeout => "db_timeout",
+            Self::DbConnection => "db_connection",
+            Self::ChunkTimeout => "chunk_timeout",
+            Self::LockContention => "lock_contention",
+        }
+    }
+}
 
 /// A failure's class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// Worth retrying; the string names the class (for headers and metrics).
-    Transient(String),
-    /// Not worth retrying; the string names the class.
-    Permanent(String),
+    /// Worth retrying.
+    Transient(Class),
+    /// Not worth retrying.
+    Permanent(Class),
     /// The worker is shutting down while a dependency is down: the message goes back to
     /// the queue untouched, its attempts not counted.
     Interrupted,
@@ -77,9 +109,9 @@ impl Failure {
     /// connection.
     pub fn from_db(err: &sea_orm::DbErr) -> Self {
         let class = match bulkops_shared::db::sqlstate(err) {
-            Some(code) => format!("db_{code}"),
-            None if bulkops_shared::db::is_client_timeout(err) => "db_timeout".to_owned(),
-            None => "db_connection".to_owned(),
+            Some(code) => Class::sqlstate(&code),
+            None if bulkops_shared::db::is_client_timeout(err) => Class::DbTimeout,
+            None => Class::DbConnection,
         };
         if bulkops_shared::db::is_transient(err) {
             Self::Transient(class)
@@ -90,13 +122,13 @@ impl Failure {
 
     /// A chunk whose transaction outlived `worker.chunk_timeout_ms`.
     pub fn chunk_timeout() -> Self {
-        Self::Transient(CHUNK_TIMEOUT.to_owned())
+        Self::Transient(Class::ChunkTimeout)
     }
 
     /// The class name.
     pub fn class(&self) -> &str {
         match self {
-            Self::Transient(c) | Self::Permanent(c) => c,
+            Self::Transient(c) | Self::Permanent(c) => c.name(),
             Self::Interrupted => "interrupted",
         }
     }
@@ -112,11 +144,11 @@ impl Failure {
     /// waits for it.
     pub fn suspects(&self) -> Option<Dependency> {
         match self {
-            Self::Transient(c)
-                if c == "db_connection"
-                    || c == "db_timeout"
-                    || c == CHUNK_TIMEOUT
-                    || c.starts_with("db_08")
+            Self::Transient(Class::DbConnection | Class::DbTimeout | Class::ChunkTimeout) => {
+                Some(Dependency::Database)
+            }
+            Self::Transient(Class::Db(c))
+                if c.starts_with("db_08")
                     || matches!(
                         c.as_str(),
                         // 25006: a standby or demoted primary answered (a failover).
@@ -231,29 +263,36 @@ mod tests {
     #[test]
     fn failures_that_a_probe_may_explain_name_the_database() {
         for c in [
-            "db_connection",
-            "db_timeout",
-            "db_08006",
-            "db_57P01",
-            "db_57P03",
-            "chunk_timeout",
-            "db_25006",
+            Class::DbConnection,
+            Class::DbTimeout,
+            Class::sqlstate("08006"),
+            Class::sqlstate("57P01"),
+            Class::sqlstate("57P03"),
+            Class::ChunkTimeout,
+            Class::sqlstate("25006"),
         ] {
             assert_eq!(
-                Failure::Transient(c.into()).suspects(),
+                Failure::Transient(c.clone()).suspects(),
                 Some(Dependency::Database),
-                "{c}"
+                "{c:?}"
             );
         }
-        for c in ["db_40P01", "db_40001", "lock_contention", "db_57014"] {
-            assert_eq!(Failure::Transient(c.into()).suspects(), None, "{c}");
+        for c in [
+            Class::sqlstate("40P01"),
+            Class::sqlstate("40001"),
+            Class::LockContention,
+            Class::sqlstate("57014"),
+        ] {
+            assert_eq!(Failure::Transient(c.clone()).suspects(), None, "{c:?}");
         }
-        assert_eq!(Failure::Permanent("db_connection".into()).suspects(), None);
+        assert_eq!(Failure::Permanent(Class::DbConnection).suspects(), None);
         assert_eq!(Failure::chunk_timeout().class(), "chunk_timeout");
+        assert_eq!(Class::LockContention.name(), "lock_contention");
+        assert_eq!(Class::sqlstate("40P01").name(), "db_40P01");
         let timeout = bulkops_shared::db::client_timeout("batch lookup");
         assert_eq!(
             Failure::from_db(&timeout),
-            Failure::Transient("db_timeout".into())
+            Failure::Transient(Class::DbTimeout)
         );
     }
 
