@@ -15,16 +15,18 @@ build: ## Build every program (debug)
 
 .PHONY: release
 release: ## Build every program (release)
-	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker
+	$(CARGO) build --release --locked -p bulkops-migrations -p bulkops-producer -p bulkops-worker -p bulkops-cli
 
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy with warnings as errors
+lint: ## cargo fmt --check, clippy with warnings as errors, cargo deny (licences, bans, sources; deny.toml)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) fetch --locked
+	$(CARGO) deny --offline check licenses bans sources
 
 .PHONY: test-unit
 test-unit: ## Unit tests (pure domain rules; no services)
