@@ -7,9 +7,10 @@
 //! the stall sweeper's republish generations and the workers' outage reports
 //! (`stall_bound.sql`); then what quotas, fair shares and retention need (pruning
 //! columns, indexes, leases: `quotas_retention.sql`); and what the operator console reads
-//! (worker heartbeats, throughput samples: `console_schema.sql`); and the trace context a
-//! batch and an outbox row were written under (`trace_context.sql`). Each is plain SQL kept
-//! beside this file, applied in one transaction.
+//! (worker heartbeats, throughput samples: `console_schema.sql`); one table of worker
+//! liveness, readiness and outage reports together (`worker_status.sql`); and the trace
+//! context a batch and an outbox row were written under (`trace_context.sql`). Each is
+//! plain SQL kept beside this file, applied in one transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
 //! concurrent runs with an advisory lock, so any number of deploy hooks or test harnesses
@@ -48,6 +49,10 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261202_000006_console",
                 up: include_str!("console_schema.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261202_000007_worker_status",
+                up: include_str!("worker_status.sql"),
             }),
             Box::new(SqlMigration {
                 name: "m20261202_000008_trace_context",

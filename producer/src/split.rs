@@ -21,7 +21,7 @@
 //!   its still-pending items published again, one *generation* at a time, and only when
 //!   that can be what is missing:
 //!   - never while a worker reports waiting for an unreachable dependency
-//!     (`bulk_worker_status`, fresh within 15 s): the items are held up, not lost;
+//!     (`worker_status.waiting_reported_at`, fresh within 15 s): the items are held up, not lost;
 //!   - never while the batch's lane still has ready messages in its work, retry or
 //!     dead-letter-watch queues: they may be the batch's own messages, merely waiting;
 //!   - generation g+1 only after `stall_after_secs × 2^g` more without progress (the
@@ -487,8 +487,8 @@ impl Splitter {
             let waiting = self
                 .db
                 .query_one_raw(stmt(
-                    "SELECT count(*) AS n FROM bulk_worker_status
-                      WHERE reported_at > clock_timestamp() - make_interval(secs => $1)",
+                    "SELECT count(*) AS n FROM worker_status
+                      WHERE waiting_reported_at > clock_timestamp() - make_interval(secs => $1)",
                     [OUTAGE_REPORT_FRESH_SECS.into()],
                 ))
                 .await?

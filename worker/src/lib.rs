@@ -14,9 +14,9 @@
 //! - [`gate`]: the record locks, waited for a bounded time and then bypassed.
 //! - [`outage`]: waiting out an unreachable dependency (probe, wait, once per worker in the
 //!   logs) and what follows a failure.
-//! - [`status`]: the outage report that holds the producers' stall sweeper.
+//! - [`status`]: the worker's row in `worker_status`: readiness for the operator console,
+//!   and the outage report that holds the producers' stall sweeper.
 //! - [`deadletter`]: records the failure of dead-lettered items.
-//! - [`heartbeat`]: readiness written to `worker_heartbeats` for the operator console.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`spans`]: the chunk's span (linked to its messages' contexts) and the batch spans
 //!   under it (in the traces of the requests).
@@ -31,7 +31,6 @@ pub mod convert;
 pub mod create;
 pub mod deadletter;
 pub mod gate;
-pub mod heartbeat;
 pub mod job;
 pub mod meta;
 pub mod outage;
@@ -165,23 +164,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         None
     };
     tasks.spawn(gate.clone().maintain(shutdown.clone()));
-    tasks.spawn(status::run(
-        db.clone(),
-        outages.clone(),
-        uuid::Uuid::new_v4(),
-        settings.database.call_timeout(),
-        shutdown.clone(),
-    ));
     tasks.spawn(consume_link.clone().maintain(shutdown.clone()));
     tasks.spawn(publish_link.clone().maintain(shutdown.clone()));
     let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(
-        heartbeat::Heartbeat {
+        status::Status {
             id: uuid::Uuid::new_v4(),
             db: db.clone(),
             links: vec![consume_link.clone(), publish_link.clone()],
             locks: locks.clone(),
             metrics: metrics.clone(),
+            outages: outages.clone(),
+            call_timeout: settings.database.call_timeout(),
         }
         .run(shutdown.clone(), heartbeat_stop.clone()),
     );

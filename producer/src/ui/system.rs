@@ -3,8 +3,8 @@
 //!
 //! Queue depths are the ones this producer's monitor measured last (every 5 s, the values
 //! of `bulkops_queue_messages`), for every queue of the [`Topology`], so the console adds
-//! no broker traffic. Workers' readiness comes from `worker_heartbeats`, which every
-//! worker writes every few seconds with its own readiness check (`worker/src/heartbeat.rs`):
+//! no broker traffic. Workers' readiness comes from `worker_status`, which every
+//! worker writes every few seconds with its own readiness check (`worker/src/status.rs`):
 //! the producer needs no address of any worker, and a worker that stopped writing shows as
 //! not seen for so long. The outbox is read directly (a small table).
 
@@ -131,7 +131,7 @@ pub async fn workers(db: &DatabaseConnection) -> Result<Vec<Worker>, DbErr> {
         .query_all_raw(stmt(
             "SELECT host, pid, version, started_at, ready, broker, redis, inflight, draining,
                     EXTRACT(EPOCH FROM now() - seen_at)::float8 AS silent
-               FROM worker_heartbeats
+               FROM worker_status
               WHERE seen_at > now() - $1 * interval '1 minute'
               ORDER BY host, started_at",
             [FORGET_MINUTES.into()],
