@@ -114,54 +114,30 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let secret = settings
-        .require_jwt_secret()?
-        .expose_secret()
-        .as_bytes()
-        .to_vec();
-    let db = bulkops_shared::db::connect(&settings.database)
-        .await
-        .context("database.url")?;
-    let export_db = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
-        max_connections: settings.database.export_max_connections,
-        min_connections: 0,
-        ..settings.database.clone()
-    })
-    .await
-    .context("database.url")?;
-    let metrics = ProducerMetrics::new().context("metrics")?;
-    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
-    let topology = Topology::from_settings(&settings);
-    let publish_link = Arc::new(
-        AmqpLink::new(&settings.amqp, "bulkops-producer")
-            .context("amqp.url / amqp.urls")?
-            .with_placement(topology.clone()),
-    );
-    let split_owner = uuid::Uuid::new_v4();
-    let split_handle = SplitHandle::default();
-    let console = if settings.ui.enabled {
-        Some(Arc::new(
-            crate::ui::Console::new(&settings, shutdown.clone()).context("ui")?,
-        ))
-    } else {
-        None
-    };
-    let state = AppState(Arc::new(Inner {
-        db: db.clone(),
-        export_db: export_db.clone(),
-        exports: Arc::new(tokio::sync::Semaphore::new(
-            settings.http.max_concurrent_exports,
-        )),
-        jwt: DecodingKey::from_secret(&secret),
-        metrics: metrics.clone(),
-        locks,
-        publish_link: publish_link.clone(),
-        splitter: split_handle.clone(),
+    let state = state(&settings, &shutdown).await?;
+    let Inner {
+        db,
+        export_db,
+        metrics,
+        publish_link,
+        splitter: split_handle,
         split_owner,
-        topology: topology.clone(),
-        settings: settings.clone(),
-        ui: console.clone(),
-    }));
+        topology,
+        ui: console,
+        ..
+    } = &*state.0;
+    let (db, export_db, metrics, publish_link) = (
+        db.clone(),
+        export_db.clone(),
+        metrics.clone(),
+        publish_link.clone(),
+    );
+    let (split_handle, split_owner, topology, console) = (
+        split_handle.clone(),
+        *split_owner,
+        topology.clone(),
+        console.clone(),
+    );
 
     let tasks = TaskTracker::new();
     let splitter = Splitter::new(
@@ -234,4 +210,59 @@ pub async fn serve(
     export_db.close().await.ok();
     tracing::info!("bulkops-producer stopped");
     Ok(())
+}
+
+/// What the router serves from: the pools, the broker link, Redis, metrics and the
+/// console, connected lazily (a dependency that is down makes requests answer 503). The
+/// background tasks are [`serve`]'s; tests drive [`router`] over this state alone.
+///
+/// # Errors
+/// When the configuration lacks the JWT secret or names an invalid endpoint.
+pub async fn state(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<AppState> {
+    let secret = settings
+        .require_jwt_secret()?
+        .expose_secret()
+        .as_bytes()
+        .to_vec();
+    let db = bulkops_shared::db::connect(&settings.database)
+        .await
+        .context("database.url")?;
+    let export_db = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
+        max_connections: settings.database.export_max_connections,
+        min_connections: 0,
+        ..settings.database.clone()
+    })
+    .await
+    .context("database.url")?;
+    let metrics = ProducerMetrics::new().context("metrics")?;
+    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
+    let topology = Topology::from_settings(settings);
+    let publish_link = Arc::new(
+        AmqpLink::new(&settings.amqp, "bulkops-producer")
+            .context("amqp.url / amqp.urls")?
+            .with_placement(topology.clone()),
+    );
+    let console = if settings.ui.enabled {
+        Some(Arc::new(
+            crate::ui::Console::new(settings, shutdown.clone()).context("ui")?,
+        ))
+    } else {
+        None
+    };
+    Ok(AppState(Arc::new(Inner {
+        db,
+        export_db,
+        exports: Arc::new(tokio::sync::Semaphore::new(
+            settings.http.max_concurrent_exports,
+        )),
+        jwt: DecodingKey::from_secret(&secret),
+        metrics,
+        locks,
+        publish_link,
+        splitter: SplitHandle::default(),
+        split_owner: uuid::Uuid::new_v4(),
+        topology,
+        settings: settings.clone(),
+        ui: console,
+    })))
 }
