@@ -232,7 +232,6 @@ pub async fn accept(
                 filter_json.into(),
             ],
         ))
-        .await
         .await?
         .ok_or_else(|| AcceptError::NoRow("batch insert returned no row"))?;
     let batch_id = BatchId(row.try_get("", "id")?);

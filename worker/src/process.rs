@@ -202,13 +202,7 @@ impl Processor {
                 Ok(prepared) => prepared,
                 Err(e) => {
                     match self
-                        .after_failure(
-                            Failure::from_db(&e),
-                            &mut budget,
-                            true,
-                            meta.kind,
-                            &e,
-                        )
+                        .after_failure(Failure::from_db(&e), &mut budget, true, meta.kind, &e)
                         .await
                     {
                         Then::Retry => continue,
@@ -377,13 +371,7 @@ impl Processor {
                 ChunkError::Timeout(_) => Failure::chunk_timeout(),
             };
             match self
-                .after_failure(
-                    failure,
-                    &mut budget,
-                    items.len() == 1,
-                    meta.kind,
-                    &err,
-                )
+                .after_failure(failure, &mut budget, items.len() == 1, meta.kind, &err)
                 .await
             {
                 Then::Retry => continue,

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use super::UiError;
 use super::session::Session;
 use super::views::{self, Nav};
-use crate::routes::batches::{BATCH_COLUMNS, BatchView, batch_from_row};
 use crate::state::AppState;
+use bulkops_shared::batch_view::{BATCH_COLUMNS, BatchView, batch_from_row};
 
 /// Batches per page.
 const PAGE: i64 = 50;

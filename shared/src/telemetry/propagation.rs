@@ -56,14 +56,14 @@ impl Injector for Out {
     }
 }
 
-struct Http<'a>(&'a axum::http::HeaderMap);
+struct Http<'a>(&'a http::HeaderMap);
 
 impl Extractor for Http<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(axum::http::HeaderName::as_str).collect()
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -130,7 +130,7 @@ pub fn current() -> Option<String> {
 }
 
 /// The context of a request's `traceparent` (and `tracestate`) header, or an empty one.
-pub fn from_http(headers: &axum::http::HeaderMap) -> Context {
+pub fn from_http(headers: &http::HeaderMap) -> Context {
     let usable = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -286,14 +286,14 @@ mod tests {
 
     #[test]
     fn http_headers_carry_the_context() {
-        let mut headers = axum::http::HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         assert!(!from_http(&headers).span().span_context().is_valid());
-        headers.insert("traceparent", axum::http::HeaderValue::from_static(TP));
+        headers.insert("traceparent", http::HeaderValue::from_static(TP));
         let cx = from_http(&headers);
         assert_eq!(format(&cx).as_deref(), Some(TP));
         headers.insert(
             "traceparent",
-            axum::http::HeaderValue::from_static("00-zz-not-a-context-01"),
+            http::HeaderValue::from_static("00-zz-not-a-context-01"),
         );
         assert!(!from_http(&headers).span().span_context().is_valid());
     }
