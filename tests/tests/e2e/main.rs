@@ -16,6 +16,7 @@ mod ops;
 mod privacy;
 mod quota;
 mod retention;
+mod router;
 mod traces;
 
 use bulkops_tests::TestEnv;
