@@ -10,6 +10,7 @@ mod console;
 mod convert;
 mod create;
 mod exports;
+mod handlers;
 mod interleave;
 mod openapi;
 mod ops;
