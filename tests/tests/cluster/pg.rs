@@ -12,7 +12,8 @@ use bulkops_tests::services::Stop;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 
-use crate::redis::{assert_none_failed, record, runs, start_processes, wait_all_ready};
+use crate::redis::{assert_none_failed, start_processes, wait_all_ready};
+use crate::{record, runs};
 
 const CREATE_ITEMS: i64 = 3000;
 

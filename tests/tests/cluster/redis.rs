@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
+use crate::{record, runs};
 use bulkops_shared::config::{RedisMode, Settings, Sources};
 use bulkops_shared::lock::{LockTarget, Locks};
 use bulkops_tests::TestEnv;
 use bulkops_tests::api::{Api, token};
 use bulkops_tests::redis_cluster::{RedisCluster, SENTINEL_MASTER, SentinelSet, cli};
 use bulkops_tests::scenario::{
-    assert_mid_batch, convert_world, create_world, finish_convert, finish_create, record_to,
-    runs_from, wait_done,
+    assert_mid_batch, convert_world, create_world, finish_convert, finish_create, wait_done,
 };
 use serde_json::json;
 
@@ -152,16 +152,6 @@ async fn locks_follow_the_sentinels_through_failovers() {
 
 const CREATE_ITEMS: i64 = 3000;
 const CONVERT_ITEMS: i64 = 2000;
-
-/// How many times each scenario runs (`CLUSTER_RUNS`, default 1).
-pub(crate) fn runs() -> usize {
-    runs_from("CLUSTER_RUNS")
-}
-
-/// Appends a scenario's tally to the cluster suite's results and asserts it is clean.
-pub(crate) fn record(fault: &str, tally: bulkops_tests::check::Tally) {
-    record_to("cluster.jsonl", fault, tally);
-}
 
 /// A lost node is waited out, never failed: no item of the batch ended `failed`.
 pub(crate) async fn assert_none_failed(env: &TestEnv, batch: i64) {
