@@ -194,9 +194,17 @@ impl Browser {
             let mut done = None;
             for entry in std::fs::read_dir(&self.downloads)? {
                 let path = entry?.path();
-                let partial = path
-                    .extension()
-                    .is_some_and(|e| e == "crdownload" || e == "tmp");
+                // Chromium writes a download under a hidden temporary name
+                // (`.org.chromium.Chromium.XXXXXX`), then as `.crdownload`, then renames
+                // it: only a visible name without those extensions is a finished file.
+                let hidden = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_none_or(|n| n.starts_with('.'));
+                let partial = hidden
+                    || path
+                        .extension()
+                        .is_some_and(|e| e == "crdownload" || e == "tmp");
                 if !partial {
                     done = Some(path);
                 }
