@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use bulkops_shared::config::Settings;
 use bulkops_shared::db::stmt;
+use bulkops_shared::service::exit_failure;
 use clap::{Parser, Subcommand, ValueEnum};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use secrecy::ExposeSecret;
@@ -169,7 +170,7 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load() {
         Ok(s) => s,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return exit_failure(&e.to_string()),
     };
     bulkops_shared::telemetry::init(&bulkops_shared::config::LogSettings {
         level: "warn".into(),
@@ -177,14 +178,8 @@ pub async fn main() -> ExitCode {
     });
     match run(cli, settings).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("bulkops: {e:#}")),
+        Err(e) => exit_failure(&format!("bulkops: {e:#}")),
     }
-}
-
-#[allow(clippy::print_stderr)]
-fn fail(msg: &str) -> ExitCode {
-    eprintln!("{}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
-    ExitCode::FAILURE
 }
 
 /// Writes a line to stdout (the CLI's output channel).

@@ -9,8 +9,10 @@
 //! columns, indexes, leases: `quotas_retention.sql`); and what the operator console reads
 //! (worker heartbeats, throughput samples: `console_schema.sql`); one table of worker
 //! liveness, readiness and outage reports together (`worker_status.sql`); and the trace
-//! context a batch and an outbox row were written under (`trace_context.sql`). Each is
-//! plain SQL kept beside this file, applied in one transaction.
+//! context a batch and an outbox row were written under (`trace_context.sql`); and the
+//! per-backend counter shards that chunk transactions write instead of the batch row
+//! (`counter_shards.sql`); and the orphan guards again, checking owners by primary key
+//! whatever the tables' size (`guard_probes.sql`). Each is plain SQL kept beside this file, applied in one transaction.
 //!
 //! [`migrate_up`] also creates the database when it does not exist, and serialises
 //! concurrent runs with an advisory lock, so any number of deploy hooks or test harnesses
@@ -57,6 +59,14 @@ impl MigratorTrait for Migrator {
             Box::new(SqlMigration {
                 name: "m20261202_000008_trace_context",
                 up: include_str!("trace_context.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261203_000009_counter_shards",
+                up: include_str!("counter_shards.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "m20261203_000010_guard_probes",
+                up: include_str!("guard_probes.sql"),
             }),
         ]
     }

@@ -1,6 +1,7 @@
 //! `bulkops-migrate up|status`: applies or lists the schema migrations of `database.url`,
 //! creating the database when it does not exist.
 
+use bulkops_shared::service::exit_failure;
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
@@ -28,7 +29,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let settings = match bulkops_shared::config::Settings::load() {
         Ok(s) => s,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return exit_failure(&e.to_string()),
     };
     bulkops_shared::telemetry::init(&settings.log);
     let url = settings.database.url.expose_secret();
@@ -38,7 +39,7 @@ async fn main() -> std::process::ExitCode {
                 tracing::info!("migrations applied");
                 std::process::ExitCode::SUCCESS
             }
-            Err(e) => fail(&format!("bulkops-migrate: {}", one_line(&e.to_string()))),
+            Err(e) => exit_failure(&format!("bulkops-migrate: {e}")),
         },
         Command::Status => match bulkops_migrations::status(url).await {
             Ok(list) => {
@@ -48,17 +49,7 @@ async fn main() -> std::process::ExitCode {
                 }
                 std::process::ExitCode::SUCCESS
             }
-            Err(e) => fail(&format!("bulkops-migrate: {}", one_line(&e.to_string()))),
+            Err(e) => exit_failure(&format!("bulkops-migrate: {e}")),
         },
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-#[allow(clippy::print_stderr)]
-fn fail(msg: &str) -> std::process::ExitCode {
-    eprintln!("{msg}");
-    std::process::ExitCode::FAILURE
 }

@@ -79,6 +79,84 @@ pub enum Targets {
     },
 }
 
+impl Targets {
+    /// The kind of batch these targets make.
+    pub fn kind(&self) -> BatchKind {
+        match self {
+            Self::Search { .. } => BatchKind::CreateSalesRecords,
+            Self::Conversion { .. } => BatchKind::ConvertSalesRecords,
+        }
+    }
+
+    /// Whether the quota does not apply: the conversion of one record (the CRM's
+    /// "Convert to Individual" button, a workflow action) is never refused (see
+    /// `crate::quota`).
+    pub fn quota_exempt(&self) -> bool {
+        match self {
+            Self::Conversion { ids } => quota::is_single_conversion(ids),
+            Self::Search { .. } => false,
+        }
+    }
+
+    /// Holds the caller to its `expected_total`: a search that now finds another number
+    /// of Individuals (already linked ones included) is refused, so a user never starts a
+    /// batch over a set they did not see. Conversions name their records and expect
+    /// nothing.
+    ///
+    /// # Errors
+    /// [`AcceptError::TotalChanged`].
+    pub fn check_total(&self, found: i64) -> Result<(), AcceptError> {
+        match self {
+            Self::Search {
+                expected_total: Some(expected),
+                ..
+            } if *expected != found => Err(AcceptError::TotalChanged {
+                found,
+                expected: *expected,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What accepting does with a batch once its items are frozen, decided from its counts
+/// alone: how many items are left for the workers and which lane their messages take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frozen {
+    /// Items frozen (the search's Individuals, or the distinct ids).
+    pub total: i64,
+    /// Of them, settled by the freeze itself (skipped or failed at once): no message.
+    pub presettled: i64,
+    /// Of them, left for the workers: one message each.
+    pub to_publish: i64,
+    /// The lane of the messages. Chosen by what is left to publish, not by the total: a
+    /// request of thousands that all but a few are settled at once is a small job.
+    pub lane: Lane,
+}
+
+impl Frozen {
+    /// The decisions for `total` frozen items of which `settled` were settled at once.
+    pub fn new(total: i64, settled: &OutcomeDelta, interactive_max_items: u64) -> Self {
+        let presettled = settled.total();
+        let to_publish = total - presettled;
+        Self {
+            total,
+            presettled,
+            to_publish,
+            lane: Lane::for_total(
+                u64::try_from(to_publish).unwrap_or(0),
+                interactive_max_items,
+            ),
+        }
+    }
+
+    /// Whether the splitter has messages to publish. A batch without is split-done at
+    /// acceptance, so no splitter ever holds a lease on it.
+    pub fn needs_split(&self) -> bool {
+        self.to_publish > 0
+    }
+}
+
 /// An `Idempotency-Key` and what it was used for.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey {
@@ -179,12 +257,8 @@ pub async fn accept(
         return Ok(Acceptance::Replayed(replay));
     }
     // The quota, checked before anything is frozen (see `crate::quota`).
-    let exempt = match targets {
-        Targets::Conversion { ids } => quota::is_single_conversion(ids),
-        Targets::Search { .. } => false,
-    };
     let mut quota_state = None;
-    if limit > 0 && !exempt {
+    if limit > 0 && !targets.quota_exempt() {
         let now = quota::lock_and_measure(&tx, caller.agency_id).await?;
         let room = quota::room(limit, now.items);
         let (requested, exact) = match targets {
@@ -201,10 +275,7 @@ pub async fn accept(
         }
         quota_state = Some(now);
     }
-    let kind = match targets {
-        Targets::Search { .. } => BatchKind::CreateSalesRecords,
-        Targets::Conversion { .. } => BatchKind::ConvertSalesRecords,
-    };
+    let kind = targets.kind();
     tracing::Span::current().record("kind", kind.as_str());
     let (record_type_id, saved_search_id, filter_json) = match targets {
         Targets::Search {
@@ -241,33 +312,20 @@ pub async fn accept(
         Targets::Search { filter, .. } => freeze_search(&tx, batch_id, caller, filter).await?,
         Targets::Conversion { ids } => freeze_conversion(&tx, batch_id, caller, ids).await?,
     };
-    if let Targets::Search {
-        expected_total: Some(expected),
-        ..
-    } = targets
-        && *expected != total
-    {
+    if let Err(e) = targets.check_total(total) {
         tx.rollback().await?;
-        return Err(AcceptError::TotalChanged {
-            found: total,
-            expected: *expected,
-        });
+        return Err(e);
     }
-    let presettled = delta.total();
-    let to_publish = total - presettled;
+    let frozen = Frozen::new(total, &delta, interactive_max_items);
     // The count above and the freeze are two statements: the CRM may have added
     // Individuals in between. The limit holds for what was actually frozen.
     if let Some(now) = quota_state
-        && let Some(refusal) = quota::check(limit, now, to_publish, true)
+        && let Some(refusal) = quota::check(limit, now, frozen.to_publish, true)
     {
         tx.rollback().await?;
         return Err(AcceptError::Quota(refusal));
     }
     refresh_statistics(&tx, total).await?;
-    let lane = Lane::for_total(
-        u64::try_from(to_publish).unwrap_or(0),
-        interactive_max_items,
-    );
     tx.execute_raw(stmt(
         "UPDATE bulk_batches
             SET total = $2, lane = $3, n_presettled = $4,
@@ -276,8 +334,8 @@ pub async fn accept(
         [
             batch_id.into(),
             total.into(),
-            lane.as_str().into(),
-            presettled.into(),
+            frozen.lane.as_str().into(),
+            frozen.presettled.into(),
             split_owner.into(),
             (lease_secs as f64).into(),
         ],
@@ -291,7 +349,7 @@ pub async fn accept(
     } else {
         record_outcomes(&tx, batch_id, delta).await?
     };
-    if completed || to_publish == 0 {
+    if completed || !frozen.needs_split() {
         tx.execute_raw(stmt(
             "UPDATE bulk_batches SET split_done_at = clock_timestamp(), split_owner = NULL,
                     split_lease_until = NULL WHERE id = $1",
@@ -319,11 +377,11 @@ pub async fn accept(
     tx.commit().await?;
     tracing::Span::current()
         .record("items", total)
-        .record("presettled", presettled);
-    tracing::info!(lane = lane.as_str(), "batch accepted");
+        .record("presettled", frozen.presettled);
+    tracing::info!(lane = frozen.lane.as_str(), "batch accepted");
     Ok(Acceptance::New {
         batch: answer,
-        needs_split: to_publish > 0,
+        needs_split: frozen.needs_split(),
         settled: delta,
     })
 }
@@ -505,4 +563,108 @@ async fn freeze_conversion(
             ..OutcomeDelta::default()
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn search(expected_total: Option<i64>) -> Targets {
+        Targets::Search {
+            filter: Box::new(SearchFilter::default()),
+            saved_search_id: None,
+            record_type_id: 1,
+            expected_total,
+        }
+    }
+
+    fn conversion(ids: &[i64]) -> Targets {
+        Targets::Conversion { ids: ids.to_vec() }
+    }
+
+    fn settled(skipped: i64, failed: i64) -> OutcomeDelta {
+        OutcomeDelta {
+            skipped,
+            failed,
+            ..OutcomeDelta::default()
+        }
+    }
+
+    #[test]
+    fn targets_make_their_kind_of_batch() {
+        assert_eq!(search(None).kind(), BatchKind::CreateSalesRecords);
+        assert_eq!(conversion(&[1, 2]).kind(), BatchKind::ConvertSalesRecords);
+    }
+
+    #[test]
+    fn only_the_conversion_of_one_record_escapes_the_quota() {
+        assert!(conversion(&[7]).quota_exempt());
+        assert!(
+            conversion(&[7, 7, 7]).quota_exempt(),
+            "one record, named thrice"
+        );
+        assert!(!conversion(&[7, 8]).quota_exempt());
+        assert!(!search(None).quota_exempt(), "a search is never exempt");
+    }
+
+    #[test]
+    fn a_search_that_finds_another_total_than_expected_is_refused() {
+        assert!(search(None).check_total(10).is_ok(), "no expectation");
+        assert!(search(Some(10)).check_total(10).is_ok());
+        match search(Some(10)).check_total(11) {
+            Err(AcceptError::TotalChanged { found, expected }) => {
+                assert_eq!((found, expected), (11, 10));
+            }
+            other => panic!("expected TotalChanged, got {other:?}"),
+        }
+        assert!(
+            search(Some(0)).check_total(0).is_ok(),
+            "an empty search, expected"
+        );
+        assert!(
+            conversion(&[1, 2]).check_total(5).is_ok(),
+            "conversions expect nothing"
+        );
+    }
+
+    #[test]
+    fn items_settled_at_once_get_no_message() {
+        // 10 Individuals found, 3 already hold a Sales Record.
+        let f = Frozen::new(10, &settled(3, 0), 100);
+        assert_eq!((f.total, f.presettled, f.to_publish), (10, 3, 7));
+        assert!(f.needs_split());
+        // Conversions: skipped (converted earlier) and failed (not found, forbidden) alike.
+        let f = Frozen::new(10, &settled(2, 5), 100);
+        assert_eq!((f.presettled, f.to_publish), (7, 3));
+    }
+
+    #[test]
+    fn a_batch_with_nothing_left_to_publish_needs_no_split() {
+        for f in [
+            Frozen::new(0, &OutcomeDelta::default(), 100),
+            Frozen::new(4, &settled(4, 0), 100),
+            Frozen::new(4, &settled(1, 3), 100),
+        ] {
+            assert_eq!(f.to_publish, 0, "{f:?}");
+            assert!(!f.needs_split(), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn the_lane_follows_what_is_left_to_publish_not_the_total() {
+        assert_eq!(
+            Frozen::new(100, &settled(0, 0), 100).lane,
+            Lane::Interactive
+        );
+        assert_eq!(Frozen::new(101, &settled(0, 0), 100).lane, Lane::Bulk);
+        // 5,000 found, all but 10 already linked: a small job.
+        assert_eq!(
+            Frozen::new(5000, &settled(4990, 0), 100).lane,
+            Lane::Interactive
+        );
+        // One conversion.
+        assert_eq!(Frozen::new(1, &settled(0, 0), 100).lane, Lane::Interactive);
+        // Without an interactive lane (0), any work is bulk.
+        assert_eq!(Frozen::new(1, &settled(0, 0), 0).lane, Lane::Bulk);
+    }
 }

@@ -9,11 +9,11 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use bulkops_shared::amqp::{AmqpLink, Publisher};
+use bulkops_shared::amqp::Publisher;
 use bulkops_shared::config::Settings;
-use bulkops_shared::lock::Locks;
 use bulkops_shared::metrics::ProducerMetrics;
 use bulkops_shared::outbox::OutboxRelay;
+use bulkops_shared::service;
 use bulkops_shared::topology::Topology;
 use jsonwebtoken::DecodingKey;
 use secrecy::ExposeSecret;
@@ -153,16 +153,13 @@ pub async fn serve(
     .with_round_timeout(settings.database.call_timeout() * 4);
     tasks.spawn(splitter.run(shutdown.clone()));
     if settings.outbox.enabled {
-        let relay = OutboxRelay::new(
+        let relay = OutboxRelay::from_settings(
+            &settings,
             db.clone(),
-            Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
-                .with_topology(topology.clone()),
-            topology.events_exchange().to_owned(),
-            settings.outbox.batch_size,
-            Duration::from_millis(settings.outbox.poll_interval_ms),
+            publish_link.clone(),
+            &topology,
             metrics.outbox.clone(),
-        )
-        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
+        );
         tasks.spawn(relay.run(shutdown.clone()));
     }
     if settings.retention.enabled {
@@ -224,24 +221,13 @@ pub async fn state(settings: &Settings, shutdown: &CancellationToken) -> anyhow:
         .expose_secret()
         .as_bytes()
         .to_vec();
-    let db = bulkops_shared::db::connect(&settings.database)
-        .await
-        .context("database.url")?;
-    let export_db = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
-        max_connections: settings.database.export_max_connections,
-        min_connections: 0,
-        ..settings.database.clone()
-    })
-    .await
-    .context("database.url")?;
+    let db = service::pool(&settings.database).await?;
+    let export_db =
+        service::side_pool(&settings.database, settings.database.export_max_connections).await?;
     let metrics = ProducerMetrics::new().context("metrics")?;
-    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
+    let locks = service::locks(settings)?;
     let topology = Topology::from_settings(settings);
-    let publish_link = Arc::new(
-        AmqpLink::new(&settings.amqp, "bulkops-producer")
-            .context("amqp.url / amqp.urls")?
-            .with_placement(topology.clone()),
-    );
+    let publish_link = service::broker_link(settings, "bulkops-producer", &topology)?;
     let console = if settings.ui.enabled {
         Some(Arc::new(
             crate::ui::Console::new(settings, shutdown.clone()).context("ui")?,

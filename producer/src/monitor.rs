@@ -17,8 +17,6 @@ use bulkops_shared::amqp::{AmqpLink, with_timeout};
 use bulkops_shared::db::stmt;
 use bulkops_shared::metrics::ProducerMetrics;
 use bulkops_shared::topology::Topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tokio_util::sync::CancellationToken;
 
@@ -61,9 +59,8 @@ pub async fn run(
             }
             Err(e) => tracing::debug!(error = %e, "outbox gauges not refreshed"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(PERIOD) => {}
+        if !bulkops_shared::shutdown::sleep(&shutdown, PERIOD).await {
+            return;
         }
     }
 }
@@ -162,19 +159,7 @@ async fn queues(link: &AmqpLink, topology: &Topology, metrics: &ProducerMetrics)
         return;
     }
     for queue in topology.all_queues() {
-        let declared = with_timeout(
-            link.timeout(),
-            channel.queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        match declared {
+        match link.queue_state(&channel, &queue).await {
             Ok(q) => {
                 let short = queue_label(topology, &queue);
                 metrics

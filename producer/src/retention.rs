@@ -126,9 +126,8 @@ impl Pruner {
                     tracing::debug!(error = %e, "retention lease not checked");
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(interval) => {}
+            if !bulkops_shared::shutdown::sleep(&shutdown, interval).await {
+                break;
             }
         }
         let _ = self

@@ -40,19 +40,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkops_shared::amqp::{
-    Outgoing, Publisher, headers, json_properties, reconnect_backoff, with_timeout,
-};
+use bulkops_shared::amqp::{Outgoing, Publisher, headers, json_properties, with_timeout};
+use bulkops_shared::backoff::Backoff;
 use bulkops_shared::batch::{BatchKind, Lane};
 use bulkops_shared::config::SplitSettings;
 use bulkops_shared::db::stmt;
 use bulkops_shared::ids::BatchId;
 use bulkops_shared::messages::WorkMessage;
 use bulkops_shared::metrics::ProducerMetrics;
+use bulkops_shared::progress;
 use bulkops_shared::telemetry::propagation;
 use bulkops_shared::topology::Topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -83,16 +82,8 @@ const OUTAGE_REPORT_FRESH_SECS: f64 = 15.0;
 /// Largest exponent of the spacing between a batch's republish generations.
 const MAX_GENERATION_EXPONENT: i32 = 4;
 
-/// Why a split round failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SplitError {
-    /// The database failed.
-    #[error("database: {0}")]
-    Db(#[from] DbErr),
-    /// The broker failed.
-    #[error(transparent)]
-    Amqp(#[from] bulkops_shared::amqp::AmqpError),
-}
+/// Why a split round failed (retried from the committed position).
+pub use bulkops_shared::amqp::RoundError as SplitError;
 
 #[derive(Debug, Clone)]
 struct OwnedBatch {
@@ -112,9 +103,38 @@ struct OwnedBatch {
 }
 
 impl OwnedBatch {
-    /// Messages published and not yet decided (an estimate from the counters).
+    /// Messages published and not yet decided (an estimate from the counters). Items
+    /// settled at acceptance count as done but were never published, so they are taken
+    /// out of the decided ones; never negative.
     fn in_flight(&self) -> i64 {
         (self.published - (self.done - self.presettled)).max(0)
+    }
+
+    /// Items from the split position to the end, not published yet (an upper bound: some
+    /// may be settled already, and are skipped when read).
+    fn unpublished(&self) -> i64 {
+        (self.total - self.next_seq + 1).max(0)
+    }
+
+    /// The batch as the fair planner ([`fair::plan`]) sees it.
+    fn candidate(&self) -> fair::Candidate {
+        fair::Candidate {
+            agency_id: self.agency_id,
+            lane: self.lane,
+            in_flight: self.in_flight(),
+            unpublished: self.unpublished(),
+        }
+    }
+}
+
+/// The planner's windows from `split.*`: a 0 window keeps meaning "no limit", and a window
+/// too large for the planner's arithmetic saturates instead of wrapping.
+fn windows(cfg: &SplitSettings) -> fair::Windows {
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    fair::Windows {
+        chunk: i64::try_from(cfg.chunk_size).unwrap_or(i64::MAX),
+        per_batch: as_i64(cfg.max_in_flight_per_batch),
+        per_agency: as_i64(cfg.max_in_flight_per_agency),
     }
 }
 
@@ -176,10 +196,11 @@ impl Splitter {
             .checked_sub(poll)
             .unwrap_or_else(Instant::now);
         let mut last_renew = Instant::now();
-        let mut backoff = reconnect_backoff();
+        let mut backoff = Backoff::reconnect();
         while !shutdown.is_cancelled() {
             let round = async {
                 if last_scan.elapsed() >= poll {
+                    self.fold_stale_shards().await?;
                     self.sweep_stalled().await?;
                     self.claim_orphans().await?;
                     last_scan = Instant::now();
@@ -198,7 +219,7 @@ impl Splitter {
             };
             let pause = match bounded {
                 Ok((published, owned)) => {
-                    backoff = reconnect_backoff();
+                    backoff.reset();
                     if published > 0 {
                         continue;
                     }
@@ -214,7 +235,7 @@ impl Splitter {
                     if let Some(held) = self.logs.admit("round") {
                         tracing::warn!(error = %e, repeats_since_last_line = held, "split round failed; retrying");
                     }
-                    backoff.next().unwrap_or(Duration::from_secs(5))
+                    backoff.next_pause()
                 }
             };
             tokio::select! {
@@ -236,20 +257,12 @@ impl Splitter {
         // Interactive batches first, then oldest first.
         owned.sort_by_key(|b| (b.lane != Lane::Interactive, b.id));
         self.metrics.split_owned.set(owned.len() as i64);
-        let candidates: Vec<fair::Candidate> = owned
-            .iter()
-            .map(|b| fair::Candidate {
-                agency_id: b.agency_id,
-                lane: b.lane,
-                in_flight: b.in_flight(),
-                unpublished: (b.total - b.next_seq + 1).max(0),
-            })
-            .collect();
+        let candidates: Vec<fair::Candidate> = owned.iter().map(OwnedBatch::candidate).collect();
         let agency_in_flight: HashMap<i64, i64> = owned
             .iter()
             .map(|b| (b.agency_id, b.agency_in_flight))
             .collect();
-        let rooms = fair::plan(&candidates, &agency_in_flight, self.windows());
+        let rooms = fair::plan(&candidates, &agency_in_flight, windows(&self.cfg));
         let mut published = 0;
         let mut still_owned = 0;
         for (batch, room) in owned.iter().zip(rooms) {
@@ -270,57 +283,53 @@ impl Splitter {
         Ok((published, still_owned))
     }
 
-    fn windows(&self) -> fair::Windows {
-        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        fair::Windows {
-            chunk: i64::try_from(self.cfg.chunk_size).unwrap_or(i64::MAX),
-            per_batch: as_i64(self.cfg.max_in_flight_per_batch),
-            per_agency: as_i64(self.cfg.max_in_flight_per_agency),
-        }
-    }
-
     async fn owned(&self) -> Result<Vec<OwnedBatch>, DbErr> {
         let rows = self
             .db
             .query_all_raw(stmt(
-                "SELECT b.id, b.agency_id, b.kind, b.lane, b.split_next_seq, b.split_published,
-                        b.n_presettled, b.n_created + b.n_converted + b.n_skipped + b.n_failed AS n_done,
-                        b.total, a.in_flight AS agency_in_flight, b.trace_context
-                   FROM bulk_batches b
-                  CROSS JOIN LATERAL (
-                    SELECT COALESCE(sum(GREATEST(o.split_published
-                             - (o.n_created + o.n_converted + o.n_skipped + o.n_failed - o.n_presettled), 0)), 0)::bigint AS in_flight
-                      FROM bulk_batches o
-                     WHERE o.agency_id = b.agency_id AND o.completed_at IS NULL AND o.lane = 'bulk'
-                  ) a
-                  WHERE b.split_done_at IS NULL AND b.split_owner = $1
-                  ORDER BY b.id",
+                // The windows count outcomes with the counter shards: the batch row alone
+                // lags by the workers' unfolded work, which the split would take for
+                // messages still queued.
+                format!(
+                    "SELECT b.id, b.agency_id, b.kind, b.lane, b.split_next_seq, b.split_published,
+                            b.n_presettled, {b_done} AS n_done,
+                            b.total, a.in_flight AS agency_in_flight, b.trace_context
+                       FROM bulk_batches b
+                      CROSS JOIN LATERAL (
+                        SELECT COALESCE(sum(GREATEST(o.split_published - ({o_done} - o.n_presettled), 0)), 0)::bigint
+                               AS in_flight
+                          FROM bulk_batches o
+                         WHERE o.agency_id = b.agency_id AND o.completed_at IS NULL AND o.lane = 'bulk'
+                      ) a
+                      WHERE b.split_done_at IS NULL AND b.split_owner = $1
+                      ORDER BY b.id",
+                    b_done = progress::decided_sql("b"),
+                    o_done = progress::decided_sql("o"),
+                ),
                 [self.owner.into()],
             ))
             .await?;
         let mut out = Vec::with_capacity(rows.len());
-        let mut backlog = 0;
         for r in rows {
             let kind: String = r.try_get("", "kind")?;
             let lane: String = r.try_get("", "lane")?;
-            let next_seq: i64 = r.try_get("", "split_next_seq")?;
-            let total: i64 = r.try_get("", "total")?;
-            backlog += (total - next_seq + 1).max(0);
             out.push(OwnedBatch {
                 id: BatchId(r.try_get("", "id")?),
                 agency_id: r.try_get("", "agency_id")?,
                 kind: BatchKind::from_column(&kind)?,
                 lane: Lane::from_column(&lane)?,
-                next_seq,
+                next_seq: r.try_get("", "split_next_seq")?,
                 published: r.try_get("", "split_published")?,
                 presettled: r.try_get("", "n_presettled")?,
                 done: r.try_get("", "n_done")?,
-                total,
+                total: r.try_get("", "total")?,
                 agency_in_flight: r.try_get("", "agency_in_flight")?,
                 trace_context: r.try_get("", "trace_context")?,
             });
         }
-        self.metrics.split_backlog.set(backlog);
+        self.metrics
+            .split_backlog
+            .set(out.iter().map(OwnedBatch::unpublished).sum());
         Ok(out)
     }
 
@@ -451,6 +460,21 @@ impl Splitter {
         Ok(())
     }
 
+    /// Folds the counter shards that no worker folded (one died between a chunk's commit
+    /// and its fold, or stopped getting the batch's messages), completing the batches that
+    /// they finish; before the stall sweep, which reads the folded progress.
+    async fn fold_stale_shards(&self) -> Result<(), SplitError> {
+        let completed = bulkops_shared::progress::fold_stale(
+            &self.db,
+            bulkops_shared::progress::STALE_SHARD_AFTER,
+        )
+        .await?;
+        for batch in completed {
+            tracing::info!(batch_id = %batch, "completed a batch whose last counts no worker folded");
+        }
+        Ok(())
+    }
+
     /// Republishes the pending items of batches whose items stopped moving after their
     /// split finished, one generation at a time and only when nothing says they are merely
     /// held up (see the module's "Never stuck, never flooded").
@@ -563,12 +587,13 @@ impl Splitter {
         Ok(())
     }
 
-    /// Ready messages in the queues that may hold a message of a `lane` batch: its work
-    /// queue, its retry tiers and the dead-letter watch queue.
+    /// Ready messages in the queues that may hold a message of a `lane` batch: every shard
+    /// of its work queue, its retry tiers and the dead-letter watch queue.
     async fn ready_messages(&self, lane: Lane) -> Result<u64, SplitError> {
         let link = self.publisher.link();
         let channel = link.channel().await?;
-        let mut queues: Vec<String> = vec![self.topology.work_queue(lane)];
+        // Every shard of the lane: a batch's messages are spread over all of them.
+        let mut queues: Vec<String> = self.topology.work_queues(lane);
         for tier in 1..=self.topology.retry_tiers() {
             queues.push(self.topology.retry_queue(lane, tier));
         }
@@ -576,19 +601,7 @@ impl Splitter {
         let mut total = 0_u64;
         let mut result = Ok(());
         for q in &queues {
-            match with_timeout(
-                link.timeout(),
-                channel.queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                ),
-            )
-            .await
-            {
+            match link.queue_state(&channel, q).await {
                 Ok(state) => total += u64::from(state.message_count()),
                 Err(e) => {
                     // Unknown is not empty: republish nothing this round.
@@ -611,7 +624,7 @@ impl Splitter {
             w => w,
         };
         let op = kind.op();
-        let queue = self.topology.work_queue(lane);
+        let queues = self.topology.work_queues(lane);
         let mut after = 0_i64;
         let mut published = 0_u64;
         while published < cap {
@@ -625,11 +638,16 @@ impl Splitter {
                     [id.into(), after.into(), limit.into()],
                 ))
                 .await?;
+            // Each item to the shard the split gave it, so the shards stay even.
             let mut bodies = Vec::with_capacity(rows.len());
             for r in &rows {
                 let seq: i64 = r.try_get("", "seq")?;
                 after = seq;
-                bodies.push(WorkMessage::new(op, id, seq, r.try_get("", "target_id")?).encode());
+                let shard = self.topology.shard_for(lane, seq);
+                bodies.push((
+                    shard,
+                    WorkMessage::new(op, id, seq, r.try_get("", "target_id")?).encode(),
+                ));
             }
             if !bodies.is_empty() {
                 let props =
@@ -639,9 +657,9 @@ impl Splitter {
                     )])));
                 let outgoing: Vec<Outgoing<'_>> = bodies
                     .iter()
-                    .map(|body| Outgoing {
+                    .map(|(shard, body)| Outgoing {
                         exchange: "",
-                        routing_key: &queue,
+                        routing_key: &queues[(shard - 1).min(queues.len() - 1)],
                         body,
                         properties: props.clone(),
                         mandatory: true,
@@ -659,5 +677,115 @@ impl Splitter {
             }
         }
         Ok(published)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bulk batch of 1,000 items at split position `next_seq`, with `published`
+    /// messages out, `done` items decided of which `presettled` at acceptance.
+    fn batch(next_seq: i64, published: i64, done: i64, presettled: i64) -> OwnedBatch {
+        OwnedBatch {
+            id: BatchId(1),
+            agency_id: 7,
+            kind: BatchKind::CreateSalesRecords,
+            lane: Lane::Bulk,
+            next_seq,
+            published,
+            presettled,
+            done,
+            total: 1000,
+            agency_in_flight: 0,
+            trace_context: None,
+        }
+    }
+
+    fn settings(chunk: usize, per_batch: u64, per_agency: u64) -> SplitSettings {
+        SplitSettings {
+            chunk_size: chunk,
+            max_in_flight_per_batch: per_batch,
+            max_in_flight_per_agency: per_agency,
+            interactive_max_items: 100,
+            lease_secs: 10,
+            poll_interval_ms: 500,
+            stall_after_secs: 120,
+        }
+    }
+
+    /// The room `split.*` gives one batch this round, as the splitter computes it.
+    fn room(b: &OwnedBatch, cfg: &SplitSettings) -> i64 {
+        let in_flight = HashMap::from([(b.agency_id, b.in_flight())]);
+        fair::plan(&[b.candidate()], &in_flight, windows(cfg))[0]
+    }
+
+    #[test]
+    fn items_settled_at_acceptance_are_never_in_flight() {
+        // 100 published, 40 decided, 10 of them at acceptance (never published): 70 wait.
+        assert_eq!(batch(101, 100, 40, 10).in_flight(), 70);
+        // Nothing published yet, 5 settled at acceptance: nothing waits.
+        assert_eq!(batch(1, 0, 5, 5).in_flight(), 0);
+        // Every published item decided.
+        assert_eq!(batch(101, 100, 110, 10).in_flight(), 0);
+    }
+
+    #[test]
+    fn the_in_flight_estimate_is_never_negative() {
+        // Counters read while a chunk commits can show more decided than published.
+        assert_eq!(batch(11, 10, 30, 0).in_flight(), 0);
+    }
+
+    #[test]
+    fn unpublished_counts_from_the_split_position_to_the_end() {
+        assert_eq!(batch(1, 0, 0, 0).unpublished(), 1000);
+        assert_eq!(batch(1000, 999, 0, 0).unpublished(), 1);
+        assert_eq!(batch(1001, 1000, 0, 0).unpublished(), 0);
+        assert_eq!(batch(1200, 1000, 0, 0).unpublished(), 0, "never negative");
+    }
+
+    #[test]
+    fn the_room_is_the_window_left_at_most_a_chunk() {
+        let cfg = settings(50, 100, 0);
+        assert_eq!(room(&batch(1, 0, 0, 0), &cfg), 50, "a chunk");
+        assert_eq!(room(&batch(101, 100, 30, 0), &cfg), 30, "70 in flight");
+        assert_eq!(
+            room(&batch(201, 200, 100, 0), &cfg),
+            0,
+            "the window is full"
+        );
+        // Presettled items do not take window: 100 published, 40 decided of which 10
+        // at acceptance leaves 70 in flight, so 30 of room.
+        assert_eq!(room(&batch(111, 100, 40, 10), &cfg), 30);
+    }
+
+    #[test]
+    fn a_zero_window_means_no_limit() {
+        let cfg = settings(50, 0, 0);
+        assert_eq!(
+            room(&batch(10_001, 10_000, 0, 0), &cfg),
+            50,
+            "a chunk, however many are in flight"
+        );
+        let w = windows(&settings(2000, 0, 0));
+        assert_eq!((w.chunk, w.per_batch, w.per_agency), (2000, 0, 0));
+    }
+
+    #[test]
+    fn the_agency_window_bounds_a_lone_batch_too() {
+        let cfg = settings(50, 1000, 80);
+        // 60 of the agency's messages in flight (all this batch's): 20 left.
+        assert_eq!(room(&batch(61, 60, 0, 0), &cfg), 20);
+        // A batch that has published everything keeps a token room to finish its split.
+        assert_eq!(room(&batch(1001, 1000, 990, 0), &cfg), 1);
+    }
+
+    #[test]
+    fn huge_windows_saturate_instead_of_wrapping() {
+        let w = windows(&settings(usize::MAX, u64::MAX, u64::MAX));
+        assert_eq!(
+            (w.chunk, w.per_batch, w.per_agency),
+            (i64::MAX, i64::MAX, i64::MAX)
+        );
     }
 }

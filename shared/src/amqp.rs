@@ -21,8 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -35,6 +37,19 @@ use crate::config::AmqpSettings;
 /// Heartbeat asked for when the URL does not say: a stalled broker is noticed in seconds,
 /// not minutes.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Why a round of a loop that moves rows from the database to the broker failed (the
+/// splitter's, the outbox relay's): one of the two did. The round is retried; nothing
+/// is lost, since positions and deletions commit only after the broker confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    /// The broker failed.
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+}
 
 /// Errors of the AMQP layer.
 #[derive(Debug, thiserror::Error)]
@@ -71,16 +86,6 @@ pub async fn with_timeout<T, E: Into<AmqpError>>(
         Ok(r) => r.map_err(Into::into),
         Err(_) => Err(AmqpError::Timeout(timeout)),
     }
-}
-
-/// A backoff for reconnecting: exponential from 100 ms to 5 s with full jitter, for ever.
-pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// One node of the cluster: where to connect, and how logs name it.
@@ -341,6 +346,75 @@ impl AmqpLink {
         }
     }
 
+    /// Makes `channel` ready to consume from: declares the topology (idempotent, so a broker
+    /// or a node that lost it has it again after a reconnect) and sets the prefetch of the
+    /// consumers started after it on the channel, each within [`AmqpLink::timeout`]. The
+    /// prefetch is per consumer: quorum queues refuse a global one.
+    ///
+    /// # Errors
+    /// Broker errors and timeouts: the caller starts over with a new channel.
+    pub async fn prepare_consuming(
+        &self,
+        channel: &Channel,
+        topology: &crate::topology::Topology,
+        prefetch: u16,
+    ) -> Result<(), AmqpError> {
+        with_timeout(self.timeout, topology.declare(channel)).await?;
+        with_timeout(
+            self.timeout,
+            channel.basic_qos(prefetch, BasicQosOptions { global: false }),
+        )
+        .await
+    }
+
+    /// Starts a consumer of `queue` on `channel` (after [`AmqpLink::prepare_consuming`]),
+    /// tagged `tag` so that it can be cancelled, within [`AmqpLink::timeout`].
+    ///
+    /// # Errors
+    /// Broker errors and timeouts.
+    pub async fn consume(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        tag: &str,
+    ) -> Result<lapin::Consumer, AmqpError> {
+        with_timeout(
+            self.timeout,
+            channel.basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+    }
+
+    /// A queue's state (ready messages, consumers) by a passive declare on `channel`,
+    /// within [`AmqpLink::timeout`].
+    ///
+    /// # Errors
+    /// Broker errors and timeouts; a queue that does not exist is an error that also closes
+    /// the channel, so the caller stops using it.
+    pub async fn queue_state(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> Result<lapin::Queue, AmqpError> {
+        with_timeout(
+            self.timeout,
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+    }
+
     /// Refreshes the health flag from the connection's status.
     pub async fn refresh_health(&self) -> bool {
         let current = self.current.lock().await;
@@ -354,23 +428,22 @@ impl AmqpLink {
     /// Keeps the link connected until `shutdown`: reconnects with backoff whenever the
     /// connection is down, so readiness reflects the broker even while the link is idle.
     pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut backoff = reconnect_backoff();
+        let mut backoff = crate::backoff::Backoff::reconnect();
         loop {
             let pause = if self.refresh_health().await {
-                backoff = reconnect_backoff();
+                backoff.reset();
                 Duration::from_secs(1)
             } else {
                 match self.connection().await {
                     Ok(_) => Duration::from_secs(1),
                     Err(e) => {
                         tracing::warn!(link = %self.name, error = %e, "broker unreachable; retrying");
-                        backoff.next().unwrap_or(Duration::from_secs(5))
+                        backoff.next_pause()
                     }
                 }
             };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(pause) => {}
+            if !crate::shutdown::sleep(&shutdown, pause).await {
+                return;
             }
         }
     }

@@ -269,6 +269,10 @@ async fn reopen(db: &DatabaseConnection, msg: &WorkMessage) -> Result<Option<Lan
         tx.rollback().await?;
         return Ok(None);
     }
+    // The batch's counter shards first, so that the failure being taken back is in the
+    // batch row's counts whichever transaction recorded it.
+    crate::progress::record_outcomes(&tx, msg.batch_id, crate::progress::OutcomeDelta::default())
+        .await?;
     let row = tx
         .query_one_raw(stmt(
             "UPDATE bulk_batches

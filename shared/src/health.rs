@@ -36,6 +36,18 @@ pub struct Readiness {
     pub degraded: Vec<&'static str>,
 }
 
+impl Readiness {
+    /// The status `/readyz` answers with: 200 when every dependency answered (degraded
+    /// or not), 503 otherwise.
+    pub fn http_status(&self) -> http::StatusCode {
+        if self.ready {
+            http::StatusCode::OK
+        } else {
+            http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
 /// Checks the dependencies a process needs (`locks` is `None` for one that needs no Redis).
 pub async fn check(
     db: &DatabaseConnection,

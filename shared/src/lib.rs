@@ -17,6 +17,7 @@
 //! - [`messages`]: the versioned per-record work message (ids only).
 //! - [`topology`]: AMQP names and their idempotent declaration.
 //! - [`amqp`]: connections that come back, and a publisher with confirms in windows.
+//! - [`backoff`]: the pauses of every reconnect and retry loop.
 //! - [`db`]: the PostgreSQL pool and error classification.
 //! - [`deadletters`]: the dead-letter queue for operators: list, and replay after a fix.
 //! - [`lock`]: Redis locks (SET NX PX with a token, compare-and-delete release).
@@ -30,9 +31,12 @@
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`health`]: dependency checks behind `/readyz`.
 //! - [`ratelog`]: log lines that stay few when a failure repeats.
-//! - [`shutdown`]: the SIGINT/SIGTERM future injected into every `run()`.
+//! - [`service`]: what both services do alike to start, connect and exit.
+//! - [`shutdown`]: the SIGINT/SIGTERM future injected into every `run()`, and the pause
+//!   between rounds that it cuts short.
 
 pub mod amqp;
+pub mod backoff;
 pub mod batch;
 pub mod batch_view;
 pub mod config;
@@ -51,6 +55,7 @@ pub mod outbox;
 pub mod permissions;
 pub mod progress;
 pub mod ratelog;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

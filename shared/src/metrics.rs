@@ -110,6 +110,17 @@ pub fn encode(registry: &Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
+/// `/metrics` as both services answer it: the registry in the Prometheus text format,
+/// with its content type.
+pub fn http_response(registry: &Registry) -> http::Response<String> {
+    let mut response = http::Response::new(encode(registry));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
 /// Metrics of the outbox relay (both binaries run one).
 #[derive(Clone)]
 pub struct OutboxMetrics {

@@ -25,22 +25,15 @@ use lapin::types::ShortString;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{AmqpError, Outgoing, Publisher, json_properties, reconnect_backoff};
+use crate::amqp::{Outgoing, Publisher, json_properties};
+use crate::backoff::Backoff;
 use crate::db::stmt;
 use crate::metrics::OutboxMetrics;
 use crate::telemetry::propagation;
 use tracing::Instrument as _;
 
-/// Why a relay round failed. The round is retried; nothing is lost.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// The database failed.
-    #[error("database: {0}")]
-    Db(#[from] DbErr),
-    /// The broker failed.
-    #[error(transparent)]
-    Amqp(#[from] AmqpError),
-}
+/// Why a relay round failed (retried; nothing is lost).
+pub use crate::amqp::RoundError as RelayError;
 
 /// Publishes outbox rows to the events exchange.
 pub struct OutboxRelay {
@@ -100,6 +93,28 @@ impl OutboxRelay {
         }
     }
 
+    /// The relay every service runs when `outbox.enabled`: through `link` to the events
+    /// exchange of `topology`, up to `outbox.batch_size` rows a round, polling every
+    /// `outbox.poll_interval_ms` while the outbox is empty, each round bounded by one
+    /// database call and two broker calls.
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        db: DatabaseConnection,
+        link: Arc<crate::amqp::AmqpLink>,
+        topology: &crate::topology::Topology,
+        metrics: Arc<OutboxMetrics>,
+    ) -> Self {
+        Self::new(
+            db,
+            Publisher::new(link, settings.amqp.confirm_window).with_topology(topology.clone()),
+            topology.events_exchange().to_owned(),
+            settings.outbox.batch_size,
+            Duration::from_millis(settings.outbox.poll_interval_ms),
+            metrics,
+        )
+        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2)
+    }
+
     /// Bounds each relay round (claim, confirmed publishes, delete, commit) in time, so a
     /// half-open connection cannot stall the events; a round cut short leaves its rows in
     /// the outbox (its transaction never commits) and is run again.
@@ -120,14 +135,14 @@ impl OutboxRelay {
 
     /// Relays until `shutdown` fires, backing off while the database or broker is down.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = reconnect_backoff();
+        let mut backoff = Backoff::reconnect();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             let pause = match self.bounded_round().await {
                 Ok(n) => {
-                    backoff = reconnect_backoff();
+                    backoff.reset();
                     if n as u64 >= self.batch_size {
                         continue;
                     }
@@ -138,12 +153,11 @@ impl OutboxRelay {
                     if let Some(held) = self.logs.admit("round") {
                         tracing::warn!(error = %e, repeats_since_last_line = held, "outbox relay round failed; retrying");
                     }
-                    backoff.next().unwrap_or(Duration::from_secs(5))
+                    backoff.next_pause()
                 }
             };
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
+            if !crate::shutdown::sleep(&shutdown, pause).await {
+                break;
             }
         }
         // One last round so that events of work finished during the drain leave promptly.

@@ -1,6 +1,7 @@
 //! The shutdown signal, designed in: one future for SIGINT/SIGTERM, turned into a
-//! [`CancellationToken`] that every long-running task watches. Tests cancel the token
-//! themselves instead of sending signals.
+//! [`CancellationToken`] that every long-running task watches, and the pause such a task
+//! takes between rounds, cut short by it. Tests cancel the token themselves instead of
+//! sending signals.
 
 use tokio_util::sync::CancellationToken;
 
@@ -40,4 +41,13 @@ pub fn on_signal() -> CancellationToken {
         child.cancel();
     });
     token
+}
+
+/// Sleeps for `pause`, or until `shutdown` fires if that is sooner. Returns false when the
+/// shutdown came first: the caller's loop then ends instead of starting another round.
+pub async fn sleep(shutdown: &CancellationToken, pause: std::time::Duration) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(pause) => true,
+    }
 }

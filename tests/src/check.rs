@@ -391,6 +391,196 @@ async fn event_ids(
     per
 }
 
+/// The Sales Record ids of a batch's items with `status` (the item's `column`:
+/// `result_id` for a created record, `target_id` for a converted one), read once the
+/// batch's completion event came, and after waiting (bounded) for an `event` of each.
+async fn settled(
+    env: &TestEnv,
+    batch_id: i64,
+    status: &str,
+    column: &str,
+    event: &str,
+) -> HashSet<i64> {
+    let _ = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| {
+            evs.iter()
+                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
+        })
+        .await;
+    let ids: HashSet<i64> = crate::fixture::rows(
+        &env.db,
+        &format!(
+            "SELECT to_jsonb({column}) AS j FROM bulk_items WHERE batch_id = $1 AND status = '{status}'"
+        ),
+        vec![batch_id.into()],
+    )
+    .await
+    .iter()
+    .filter_map(serde_json::Value::as_i64)
+    .collect();
+    let want = ids.len();
+    // Every committed event is in the outbox until the broker confirmed it: once the outbox
+    // is empty, whatever the capture still lacks is in its queue or lost. A relay that rode
+    // out a node's restart may still be catching up, so the outbox gets its own wait.
+    let outbox_drained = crate::scenario::counts_zero_within(
+        env,
+        "SELECT count(*) FROM outbox",
+        Duration::from_secs(120),
+    )
+    .await;
+    let captured = |evs: &[crate::events::Event]| {
+        evs.iter()
+            .filter(|e| e.routing_key == event && e.body["batch_id"] == batch_id)
+            .filter_map(|e| e.body["sales_record_id"].as_i64())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let complete = env
+        .events
+        .wait_until(Duration::from_secs(30), |evs| captured(evs) >= want)
+        .await;
+    if !complete {
+        report_missing_events(
+            env,
+            event,
+            want,
+            captured(&env.events.all().await),
+            outbox_drained,
+        )
+        .await;
+    }
+    ids
+}
+
+/// Says, for the test's output, where a batch's missing events may be: the outbox, the
+/// capture queue, or neither (then the capture's history says what its connection went
+/// through).
+#[allow(
+    clippy::print_stderr,
+    reason = "the report of a failing test, in its output"
+)]
+async fn report_missing_events(
+    env: &TestEnv,
+    event: &str,
+    want: usize,
+    got: usize,
+    outbox_drained: bool,
+) {
+    let outbox = env.try_count("SELECT count(*) FROM outbox").await;
+    let queue = crate::events::queue_state(
+        &env.endpoints.harness_amqp(),
+        &format!("{}.capture", env.amqp_prefix),
+    )
+    .await;
+    eprintln!(
+        "missing {event} events: {got} of {want} captured; outbox drained: {outbox_drained}, \
+         rows now: {outbox:?}; capture queue (ready, consumers): {queue:?}; capture history:\n  {}",
+        env.events.history().join("\n  ")
+    );
+}
+
+/// Events iff commits, for the records `changed` by a batch: returns the changes without
+/// their `event` plus the events without their change (lost), and the repeated events
+/// (duplicated; distinct `event_id`s for one record).
+async fn event_gaps(
+    env: &TestEnv,
+    batch_id: i64,
+    event: &str,
+    changed: &HashSet<i64>,
+) -> (i64, i64) {
+    let events = event_ids(env, event, batch_id, "sales_record_id").await;
+    let without_event: Vec<i64> = changed
+        .iter()
+        .filter(|id| !events.contains_key(id))
+        .copied()
+        .collect();
+    let without_change: Vec<i64> = events
+        .keys()
+        .filter(|id| !changed.contains(id))
+        .copied()
+        .collect();
+    let dup_events: i64 = events
+        .values()
+        .map(|ids| (ids.len() as i64 - 1).max(0))
+        .sum();
+    if !without_event.is_empty() || !without_change.is_empty() {
+        report_event_gaps(env, batch_id, event, &without_event, &without_change).await;
+    }
+    (
+        (without_event.len() + without_change.len()) as i64,
+        dup_events,
+    )
+}
+
+/// Says, for the test's output, which records' events do not match their changes, and
+/// writes every captured event of the batch to the test's log directory.
+#[allow(
+    clippy::print_stderr,
+    reason = "the report of a failing test, in its output"
+)]
+async fn report_event_gaps(
+    env: &TestEnv,
+    batch_id: i64,
+    event: &str,
+    without_event: &[i64],
+    without_change: &[i64],
+) {
+    let sample = |ids: &[i64]| {
+        ids.iter()
+            .take(8)
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // What the database says of the records announced without a change of this batch.
+    let described = if without_change.is_empty() {
+        String::new()
+    } else {
+        crate::fixture::rows(
+            &env.db,
+            "SELECT to_jsonb(d) AS j FROM (
+               SELECT sr.id, sr.individual_id,
+                      (SELECT string_agg(it.batch_id || ':' || it.status || ':' || coalesce(it.result_id::text, '-'), ' ')
+                         FROM bulk_items it WHERE it.target_id = sr.individual_id) AS items
+                 FROM sales_records sr WHERE sr.id = ANY($1) ORDER BY sr.id LIMIT 8) d",
+            vec![without_change.to_vec().into()],
+        )
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+    };
+    let all: Vec<String> = env
+        .events
+        .all()
+        .await
+        .iter()
+        .filter(|e| e.body["batch_id"] == batch_id)
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e.routing_key,
+                e.message_id.clone().unwrap_or_default(),
+                e.raw
+            )
+        })
+        .collect();
+    let dump = env.log_dir.join(format!("events-batch-{batch_id}.txt"));
+    let _ = tokio::fs::write(&dump, all.join("\n")).await;
+    eprintln!(
+        "batch {batch_id} {event}: {} changes without an event (e.g. {}), {} events without a \
+         change (e.g. {}; {described}); {} events of the batch in {}",
+        without_event.len(),
+        sample(without_event),
+        without_change.len(),
+        sample(without_change),
+        all.len(),
+        dump.display()
+    );
+}
+
 async fn tally_common(env: &TestEnv, batch_id: i64) -> Tally {
     let items = env
         .count(&format!(
@@ -431,36 +621,14 @@ async fn tally_common(env: &TestEnv, batch_id: i64) -> Tally {
 
 /// Counts a bulk create batch's losses and duplicates (waiting a while for events).
 pub async fn tally_create(env: &TestEnv, batch_id: i64) -> Tally {
-    let _ = env
-        .events
-        .wait_until(Duration::from_secs(30), |evs| {
-            evs.iter()
-                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
-        })
-        .await;
-    let created: HashSet<i64> = crate::fixture::rows(
-        &env.db,
-        "SELECT to_jsonb(result_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'created'",
-        vec![batch_id.into()],
+    let created = settled(
+        env,
+        batch_id,
+        "created",
+        "result_id",
+        "sales_record.created",
     )
-    .await
-    .iter()
-    .filter_map(serde_json::Value::as_i64)
-    .collect();
-    let want = created.len();
-    let _ = env
-        .events
-        .wait_until(Duration::from_secs(30), |evs| {
-            evs.iter()
-                .filter(|e| {
-                    e.routing_key == "sales_record.created" && e.body["batch_id"] == batch_id
-                })
-                .filter_map(|e| e.body["sales_record_id"].as_i64())
-                .collect::<HashSet<_>>()
-                .len()
-                >= want
-        })
-        .await;
+    .await;
     let mut t = tally_common(env, batch_id).await;
     let missing_effect = env
         .count(&format!(
@@ -476,50 +644,22 @@ pub async fn tally_create(env: &TestEnv, batch_id: i64) -> Tally {
                GROUP BY sr.individual_id HAVING count(*) > 1) d"
         ))
         .await;
-    let events = event_ids(env, "sales_record.created", batch_id, "sales_record_id").await;
-    let without_event = created.iter().filter(|id| !events.contains_key(id)).count() as i64;
-    let without_change = events.keys().filter(|id| !created.contains(id)).count() as i64;
-    let dup_events: i64 = events
-        .values()
-        .map(|ids| (ids.len() as i64 - 1).max(0))
-        .sum();
-    t.lost += missing_effect + without_event + without_change;
+    let (unmatched, dup_events) = event_gaps(env, batch_id, "sales_record.created", &created).await;
+    t.lost += missing_effect + unmatched;
     t.duplicated += dup_records + dup_events;
     t
 }
 
 /// Counts a conversion batch's losses, duplicates and partial conversions.
 pub async fn tally_convert(env: &TestEnv, batch_id: i64, before: &HashMap<i64, i64>) -> Tally {
-    let _ = env
-        .events
-        .wait_until(Duration::from_secs(30), |evs| {
-            evs.iter()
-                .any(|e| e.routing_key == "bulk_batch.completed" && e.body["batch_id"] == batch_id)
-        })
-        .await;
-    let converted: HashSet<i64> = crate::fixture::rows(
-        &env.db,
-        "SELECT to_jsonb(target_id) AS j FROM bulk_items WHERE batch_id = $1 AND status = 'converted'",
-        vec![batch_id.into()],
+    let converted = settled(
+        env,
+        batch_id,
+        "converted",
+        "target_id",
+        "sales_record.converted",
     )
-    .await
-    .iter()
-    .filter_map(serde_json::Value::as_i64)
-    .collect();
-    let want = converted.len();
-    let _ = env
-        .events
-        .wait_until(Duration::from_secs(30), |evs| {
-            evs.iter()
-                .filter(|e| {
-                    e.routing_key == "sales_record.converted" && e.body["batch_id"] == batch_id
-                })
-                .filter_map(|e| e.body["sales_record_id"].as_i64())
-                .collect::<HashSet<_>>()
-                .len()
-                >= want
-        })
-        .await;
+    .await;
     let mut t = tally_common(env, batch_id).await;
     let missing_effect = env
         .count(&format!(
@@ -561,17 +701,9 @@ pub async fn tally_convert(env: &TestEnv, batch_id: i64, before: &HashMap<i64, i
                GROUP BY n.owner_id HAVING count(*) > 1) d"
         ))
         .await;
-    let events = event_ids(env, "sales_record.converted", batch_id, "sales_record_id").await;
-    let without_event = converted
-        .iter()
-        .filter(|id| !events.contains_key(id))
-        .count() as i64;
-    let without_change = events.keys().filter(|id| !converted.contains(id)).count() as i64;
-    let dup_events: i64 = events
-        .values()
-        .map(|ids| (ids.len() as i64 - 1).max(0))
-        .sum();
-    t.lost += missing_effect + without_event + without_change;
+    let (unmatched, dup_events) =
+        event_gaps(env, batch_id, "sales_record.converted", &converted).await;
+    t.lost += missing_effect + unmatched;
     t.duplicated += dup_conversions + dup_events;
     t.partial = partial;
     t

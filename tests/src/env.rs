@@ -358,14 +358,8 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Stops every process, releases the test's queues and exchanges ([`release_amqp`]), and
-    /// drops its database. Called at the end of a passing test (a failing one leaves its database for
-    /// inspection; its processes die with it).
-    pub async fn finish(self) {
-        self.events.stop();
-        for p in self.procs.lock().await.iter() {
-            p.lock().await.kill().await;
-        }
+    /// Deletes the test's queues and exchanges on the first broker node that answers.
+    async fn release_broker(&self) {
         let mut amqp = None;
         for url in self.endpoints.harness_amqp() {
             if let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await {
@@ -401,17 +395,37 @@ impl TestEnv {
         if let Some(c) = amqp {
             let _ = c.close(200, "done".into()).await;
         }
-        let _ = self.db.close().await;
-        if let Ok(admin) = Database::connect(format!("{}/postgres", self.endpoints.pg_direct)).await
-        {
-            let _ = admin
-                .execute_unprepared(&format!(
-                    "DROP DATABASE IF EXISTS \"bulkops_t_{}\" WITH (FORCE)",
-                    self.id
-                ))
-                .await;
-            let _ = admin.close().await;
+    }
+
+    /// Stops every process, releases the test's queues and exchanges ([`release_amqp`]), and
+    /// drops its database. Called at the end of a passing test (a failing one leaves its database for
+    /// inspection; its processes die with it).
+    pub async fn finish(self) {
+        self.events.stop();
+        // Each step is bounded: a teardown that waits forever on a broker or a process
+        // would hang the whole suite (seen once in `producer_killed_while_splitting`,
+        // after the test had passed). What a cut-short step leaves behind, the broker's
+        // expiry policy and the next run's cleanup remove.
+        for p in self.procs.lock().await.iter() {
+            let _ =
+                tokio::time::timeout(TEARDOWN_STEP, async { p.lock().await.kill().await }).await;
         }
+        let _ = tokio::time::timeout(TEARDOWN_STEP + QUEUE_MIN_AGE, self.release_broker()).await;
+        let _ = tokio::time::timeout(TEARDOWN_STEP, self.db.clone().close()).await;
+        let _ = tokio::time::timeout(TEARDOWN_STEP, async {
+            if let Ok(admin) =
+                Database::connect(format!("{}/postgres", self.endpoints.pg_direct)).await
+            {
+                let _ = admin
+                    .execute_unprepared(&format!(
+                        "DROP DATABASE IF EXISTS \"bulkops_t_{}\" WITH (FORCE)",
+                        self.id
+                    ))
+                    .await;
+                let _ = admin.close().await;
+            }
+        })
+        .await;
         let _ = tokio::fs::remove_dir_all(&self.log_dir).await;
     }
 }
@@ -425,6 +439,8 @@ const RUN_QUEUES: &str = r"^(t[0-9]{6}[0-9a-f]{6}|bench[0-9a-f]{6})\.";
 const RUN_QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
 /// How old a run's queues must be before it deletes them (see [`release_amqp`]).
 const QUEUE_MIN_AGE: Duration = Duration::from_secs(15);
+/// The bound on each step of [`TestEnv::finish`].
+const TEARDOWN_STEP: Duration = Duration::from_secs(60);
 
 /// Makes sure the machine's broker expires the queues a failed run leaves behind (a passing
 /// run deletes its own), so that they do not pile up across runs: each quorum queue holds

@@ -34,9 +34,21 @@ pub struct Event {
     pub traceparent: Option<String>,
 }
 
-/// The captured events, in arrival order.
+/// The captured events, in arrival order, and what the capture's connection went through
+/// (for the report of a test that misses events).
 #[derive(Clone, Default)]
-pub struct Events(Arc<Mutex<Vec<Event>>>, CancellationToken);
+pub struct Events(
+    Arc<Mutex<Vec<Event>>>,
+    CancellationToken,
+    Arc<std::sync::Mutex<Vec<String>>>,
+);
+
+/// Appends a line to the capture's history, stamped with the time since it began.
+fn note(history: &std::sync::Mutex<Vec<String>>, began: std::time::Instant, line: String) {
+    if let Ok(mut h) = history.lock() {
+        h.push(format!("{:.1}s {line}", began.elapsed().as_secs_f64()));
+    }
+}
 
 async fn setup(
     url: &str,
@@ -91,6 +103,33 @@ async fn setup(
     Ok((conn, consumer))
 }
 
+/// The capture queue's ready messages and consumers as the first node that answers (within
+/// a few seconds) reports them, passively: a report, so `None` when no node answers.
+pub async fn queue_state(urls: &[String], queue: &str) -> Option<(u32, u32)> {
+    for url in urls {
+        let probe = async {
+            let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            let q = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = conn.close(200, "done".into()).await;
+            Ok::<_, lapin::Error>((q.message_count(), q.consumer_count()))
+        };
+        if let Ok(Ok(state)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+            return Some(state);
+        }
+    }
+    None
+}
+
 impl Events {
     /// Binds the durable queue `queue` to `exchange` with `#` and collects what arrives,
     /// reconnecting after broker failures; `urls` are the nodes of one broker or cluster.
@@ -101,6 +140,8 @@ impl Events {
         let events = Events::default();
         let sink = events.0.clone();
         let stop = events.1.clone();
+        let history = events.2.clone();
+        let began = std::time::Instant::now();
         let (urls, exchange, queue) = (urls.to_vec(), exchange.to_owned(), queue.to_owned());
         tokio::spawn(async move {
             let mut current = Some(first);
@@ -111,19 +152,41 @@ impl Events {
                     Some(c) => c,
                     None => match setup(&urls[node], &exchange, &queue, replicated).await {
                         Ok(c) => c,
-                        Err(_) => {
+                        Err(e) => {
+                            note(&history, began, format!("node {node}: setup failed: {e:#}"));
                             node = (node + 1) % urls.len();
                             tokio::time::sleep(Duration::from_millis(500)).await;
                             continue;
                         }
                     },
                 };
+                note(&history, began, format!("node {node}: consuming"));
+                let mut got = 0u64;
                 loop {
                     let next = tokio::select! {
                         () = stop.cancelled() => None,
                         next = consumer.next() => next,
                     };
-                    let Some(Ok(d)) = next else { break };
+                    let d = match next {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => {
+                            note(
+                                &history,
+                                began,
+                                format!("node {node}: {got} events, then {e}"),
+                            );
+                            break;
+                        }
+                        None => {
+                            note(
+                                &history,
+                                began,
+                                format!("node {node}: {got} events, then the stream ended"),
+                            );
+                            break;
+                        }
+                    };
+                    got += 1;
                     let raw = String::from_utf8_lossy(&d.data).into_owned();
                     sink.lock().await.push(Event {
                         routing_key: d.routing_key.as_str().to_owned(),
@@ -147,6 +210,12 @@ impl Events {
             }
         });
         Ok(events)
+    }
+
+    /// What the capture's connection went through: each node it consumed from, how many
+    /// events came through it and how that ended, and failed reconnections.
+    pub fn history(&self) -> Vec<String> {
+        self.2.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Stops capturing: the consumer goes away and the queue is no longer re-declared.

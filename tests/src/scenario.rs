@@ -1,6 +1,6 @@
-//! The skeleton every fault and cluster scenario shares: build a world, wait for the
-//! batch to be mid-work before injecting a fault, wait for it to complete, tally its history
-//! and record the tally.
+//! The skeleton every fault and cluster scenario shares: build a world, start the
+//! processes, submit the batch, wait for it to be mid-work before injecting a fault
+//! ([`mid_batch`]), wait for it to complete, tally its history and record the tally.
 //!
 //! Scenarios append one JSON line per run to a results file under
 //! `target/reliability/` (`results.jsonl` for the fault suite, `cluster.jsonl` for the
@@ -14,13 +14,17 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::Mutex;
 
 use crate::TestEnv;
+use crate::api::Api;
 use crate::check::{Tally, owned_rows, tally_convert, tally_create};
 use crate::fixture::{self, World};
+use crate::process::Proc;
 
 /// Longest wait for a batch (only keeps a broken run from hanging).
 pub const WAIT: Duration = Duration::from_secs(300);
@@ -35,8 +39,9 @@ pub fn runs_from(var: &str) -> usize {
         .max(1)
 }
 
-/// Appends a scenario's tally to `target/reliability/{results_file}` and asserts it is clean.
-pub fn record_to(results_file: &str, fault: &str, tally: Tally) {
+/// Appends `line` to `target/reliability/{file}` (best effort: the figures are a report,
+/// the assertions are the test).
+pub fn append_result(file: &str, line: &serde_json::Value) {
     let dir = crate::process::workspace_root()
         .join("target")
         .join("reliability");
@@ -44,25 +49,34 @@ pub fn record_to(results_file: &str, fault: &str, tally: Tally) {
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join(results_file))
+        .open(dir.join(file))
     {
-        let line = json!({"fault": fault, "items": tally.items, "lost": tally.lost,
-                          "duplicated": tally.duplicated, "partial": tally.partial});
         let _ = writeln!(f, "{line}");
     }
+}
+
+/// Appends a scenario's tally to `target/reliability/{results_file}` and asserts it is clean.
+pub fn record_to(results_file: &str, fault: &str, tally: Tally) {
+    append_result(
+        results_file,
+        &json!({"fault": fault, "items": tally.items, "lost": tally.lost,
+                "duplicated": tally.duplicated, "partial": tally.partial}),
+    );
     assert_eq!(tally.lost, 0, "{fault}: lost {tally:?}");
     assert_eq!(tally.duplicated, 0, "{fault}: duplicated {tally:?}");
     assert_eq!(tally.partial, 0, "{fault}: partial {tally:?}");
     assert!(tally.items > 0, "{fault}: no items");
 }
 
-/// Waits until at least `n` items of the batch have an outcome.
+/// Waits until at least `n` items of the batch have an outcome. It reads the live counts
+/// (shards included): the batch row's counters lag by what the workers have not folded yet,
+/// which at this rate can be most of the batch.
 pub async fn wait_done(env: &TestEnv, batch: i64, n: i64) {
     let started = Instant::now();
     while started.elapsed() < WAIT {
         let done = env
             .try_count(&format!(
-                "SELECT n_created + n_converted + n_skipped + n_failed FROM bulk_batches WHERE id = {batch}"
+                "SELECT n_created + n_converted + n_skipped + n_failed FROM bulk_batch_live_counts WHERE batch_id = {batch}"
             ))
             .await
             .unwrap_or(0);
@@ -71,6 +85,13 @@ pub async fn wait_done(env: &TestEnv, batch: i64, n: i64) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until at least `n` items of the batch have an outcome, then asserts the batch is
+/// still running: the fault the scenario injects next lands mid-batch.
+pub async fn mid_batch(env: &TestEnv, batch: i64, n: i64) {
+    wait_done(env, batch, n).await;
+    assert_mid_batch(env, batch).await;
 }
 
 /// Asserts the batch is still running: the fault about to be injected lands mid-batch.
@@ -88,22 +109,142 @@ pub async fn assert_mid_batch(env: &TestEnv, batch: i64) {
     );
 }
 
-/// Waits until the batch is completed, reading the database directly (the producer may
-/// be the thing that was killed).
-pub async fn wait_completed(env: &TestEnv, batch: i64) {
+/// Waits until `sql` counts 1, polling every `poll`, for `bound` at most; false when it
+/// never did. It reads the database directly (the producer may be the thing that was
+/// killed).
+pub async fn counts_one_within(env: &TestEnv, sql: &str, bound: Duration, poll: Duration) -> bool {
     let started = Instant::now();
-    while started.elapsed() < WAIT {
-        if env
-            .try_count(&format!(
-                "SELECT count(*) FROM bulk_batches WHERE id = {batch} AND state = 'completed'"
-            ))
-            .await
-            == Some(1)
-        {
-            return;
+    while started.elapsed() < bound {
+        if env.try_count(sql).await == Some(1) {
+            return true;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(poll).await;
     }
+    false
+}
+
+/// Says, for the test's output, that a batch did not complete within [`WAIT`] and how far
+/// it got (its pending items then count as lost in the tally).
+#[allow(
+    clippy::print_stderr,
+    reason = "the report of a failing test, in its output"
+)]
+async fn report_incomplete(env: &TestEnv, batch: i64) {
+    let pending = env
+        .try_count(&format!(
+            "SELECT count(*) FROM bulk_items WHERE batch_id = {batch} AND status = 'pending'"
+        ))
+        .await;
+    let published = env
+        .try_count(&format!(
+            "SELECT split_published FROM bulk_batches WHERE id = {batch}"
+        ))
+        .await;
+    eprintln!(
+        "batch {batch} not completed within {WAIT:?}: {pending:?} items pending, {published:?} published"
+    );
+}
+
+/// Waits (for `bound` at most) until the count `sql` returns is 0; false when it did not.
+pub async fn counts_zero_within(env: &TestEnv, sql: &str, bound: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if env.try_count(sql).await == Some(0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Waits (for `bound` at most) until the batch is completed; false when it did not.
+pub async fn completed_within(env: &TestEnv, batch: i64, bound: Duration) -> bool {
+    counts_one_within(
+        env,
+        &format!("SELECT count(*) FROM bulk_batches WHERE id = {batch} AND state = 'completed'"),
+        bound,
+        Duration::from_millis(100),
+    )
+    .await
+}
+
+/// Waits until the batch is completed (for [`WAIT`] at most: the tally then shows what is
+/// missing).
+pub async fn wait_completed(env: &TestEnv, batch: i64) {
+    if !completed_within(env, batch, WAIT).await {
+        report_incomplete(env, batch).await;
+    }
+}
+
+/// Submits a bulk create of a Sales Record for every Individual of the world's agency (an
+/// empty filter); returns the batch id.
+pub async fn bulk_create_all(api: &Api, w: &World) -> i64 {
+    api.bulk_create(
+        &w.token(),
+        &json!({"filter": {}, "record_type_id": w.record_type}),
+    )
+    .await
+    .expect("bulk create")
+}
+
+/// Keeps the producer splitting (reading and writing the database, publishing) while a
+/// fault lands, not only the workers: at most `max_in_flight` messages of a batch wait in
+/// the queues, topped up 100 at a time.
+pub async fn keep_splitting(env: &TestEnv, max_in_flight: i64) {
+    env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", max_in_flight)
+        .await;
+    env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
+}
+
+/// An API client for a worker's own endpoint (`/metrics`, `/readyz`).
+pub async fn worker_api(worker: &Arc<Mutex<Proc>>) -> Api {
+    let addr = worker.lock().await.addr.clone().expect("metrics address");
+    Api::new(&format!("http://{addr}"))
+}
+
+/// The producer and `workers` workers; returns the producer's API and every process's
+/// health endpoint, the producer's first (its API serves /readyz too).
+pub async fn start_processes(env: &TestEnv, workers: usize) -> (Api, Vec<Api>) {
+    let (_, api) = env.start_producer().await.expect("producer");
+    let mut probes = vec![api.clone()];
+    for _ in 0..workers {
+        let w = env.start_worker().await.expect("worker");
+        probes.push(worker_api(&w).await);
+    }
+    (api, probes)
+}
+
+/// Waits until every process's /readyz says 200 (bounded: a process that never becomes
+/// ready again fails the test).
+pub async fn wait_all_ready(probes: &[Api]) {
+    for probe in probes {
+        let started = Instant::now();
+        loop {
+            let r = probe
+                .send(reqwest::Method::GET, "/readyz", None, None, &[])
+                .await;
+            if matches!(&r, Ok(r) if r.status == reqwest::StatusCode::OK) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} stays unready: {r:?}",
+                probe.base
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A create world of `items` Individuals, the producer and `workers` workers all ready,
+/// and a bulk create of every Individual; returns the batch and every process's health
+/// endpoint.
+pub async fn start_create_ready(env: &TestEnv, items: i64, workers: usize) -> (i64, Vec<Api>) {
+    let w = create_world(env, items).await;
+    let (api, probes) = start_processes(env, workers).await;
+    wait_all_ready(&probes).await;
+    let batch = bulk_create_all(&api, &w).await;
+    (batch, probes)
 }
 
 /// A create world: an agency with `n` Individuals (a tenth already linked).
@@ -133,10 +274,36 @@ pub async fn create_world(env: &TestEnv, n: i64) -> World {
     w
 }
 
-/// A conversion world: `n` Sales Records (half created from Individuals, half stand-alone
-/// leads), each with a lead's history. Returns the agency's admin and agency ids, the Sales
-/// Record ids and how many rows each owns.
-pub async fn convert_world(env: &TestEnv, n: i64) -> (i64, i64, Vec<i64>, HashMap<i64, i64>) {
+/// A conversion world: Sales Records of one agency, each with a lead's history.
+#[derive(Debug, Clone)]
+pub struct ConvertWorld {
+    /// The agency's admin, who converts.
+    pub admin: i64,
+    /// The agency.
+    pub agency: i64,
+    /// The Sales Records.
+    pub ids: Vec<i64>,
+    /// How many rows each Sales Record owned before the conversion (the partial check).
+    pub before: HashMap<i64, i64>,
+}
+
+impl ConvertWorld {
+    /// How many Sales Records there are: the conversion's size.
+    pub fn total(&self) -> i64 {
+        i64::try_from(self.ids.len()).unwrap_or(0)
+    }
+
+    /// Submits a conversion of every Sales Record as the admin; returns the batch id.
+    pub async fn convert_all(&self, api: &Api) -> i64 {
+        api.convert(&crate::api::token(self.admin, self.agency), &self.ids)
+            .await
+            .expect("convert")
+    }
+}
+
+/// A conversion world of `n` Sales Records (half created from Individuals, half
+/// stand-alone leads), each with a lead's history.
+pub async fn convert_world(env: &TestEnv, n: i64) -> ConvertWorld {
     use bulkops_cli::seed;
     let s = seed::seed_agency(
         &env.db,
@@ -166,7 +333,12 @@ pub async fn convert_world(env: &TestEnv, n: i64) -> (i64, i64, Vec<i64>, HashMa
         .await
         .expect("enrich");
     let before = owned_rows(env, &ids).await;
-    (s.admin_user_id, s.agency_id, ids, before)
+    ConvertWorld {
+        admin: s.admin_user_id,
+        agency: s.agency_id,
+        ids,
+        before,
+    }
 }
 
 /// Tallies a create batch.

@@ -24,14 +24,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkops_shared::amqp::{AmqpError, AmqpLink, reconnect_backoff, with_timeout};
+use bulkops_shared::amqp::{AmqpError, AmqpLink, with_timeout};
+use bulkops_shared::backoff::Backoff;
 use bulkops_shared::batch::Lane;
 use bulkops_shared::topology::Topology;
 use futures_util::stream::SelectAll;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicCancelOptions;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,7 +66,7 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let tasks = TaskTracker::new();
-    let mut backoff = reconnect_backoff();
+    let mut backoff = Backoff::reconnect();
     let label = cfg.lane.as_str();
     while !shutdown.is_cancelled() {
         match consume(
@@ -88,10 +88,8 @@ pub async fn run(
                 if !cancelled || !link.refresh_health().await {
                     link.mark_broken().await;
                 }
-                let pause = backoff.next().unwrap_or(Duration::from_secs(5));
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                if !bulkops_shared::shutdown::sleep(&shutdown, backoff.next_pause()).await {
+                    break;
                 }
             }
         }
@@ -152,16 +150,10 @@ async fn consume_on(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), AmqpError> {
-    with_timeout(link.timeout(), topology.declare(channel)).await?;
     let queues = topology.work_queues(cfg.lane);
     let prefetch = prefetch_per_shard(cfg.prefetch, queues.len());
-    // Per-consumer prefetch (global QoS is refused by quorum queues); it applies to the
-    // consumers started after it, so to every shard's.
-    with_timeout(
-        link.timeout(),
-        channel.basic_qos(prefetch, BasicQosOptions { global: false }),
-    )
-    .await?;
+    // Set before any shard's consumer starts, so it applies to every shard's.
+    link.prepare_consuming(channel, topology, prefetch).await?;
     let mut tags = Vec::with_capacity(queues.len());
     // Each shard's stream ends with a `None` item, so that one shard's consumer cancelled by
     // the broker is noticed (`SelectAll` alone would carry on with the others, and ends only
@@ -169,16 +161,7 @@ async fn consume_on(
     let mut consumer = SelectAll::new();
     for queue in &queues {
         let tag = format!("bulkops-worker-{queue}-{}", uuid::Uuid::new_v4());
-        let shard = with_timeout(
-            link.timeout(),
-            channel.basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let shard = link.consume(channel, queue, &tag).await?;
         consumer.push(
             shard
                 .map(Some)

@@ -13,7 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkops_shared::amqp::{AmqpLink, reconnect_backoff, with_timeout};
+use bulkops_shared::amqp::{AmqpLink, with_timeout};
+use bulkops_shared::backoff::Backoff;
 use bulkops_shared::batch::reason;
 use bulkops_shared::db::stmt;
 use bulkops_shared::messages::WorkMessage;
@@ -22,8 +23,7 @@ use bulkops_shared::ratelog::LogGate;
 use bulkops_shared::topology::Topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -88,16 +88,14 @@ pub async fn run(
     watcher: Watcher,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = reconnect_backoff();
+    let mut backoff = Backoff::reconnect();
     while !shutdown.is_cancelled() {
         if let Err(e) = watch(&link, &topology, &watcher, &shutdown).await {
             if let Some(held) = watcher.logs.admit("watch") {
                 tracing::warn!(error = %e, repeats_since_last_line = held, "dead-letter watcher stopped; reconnecting");
             }
-            let pause = backoff.next().unwrap_or(Duration::from_secs(5));
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
+            if !bulkops_shared::shutdown::sleep(&shutdown, backoff.next_pause()).await {
+                break;
             }
         }
     }
@@ -110,25 +108,12 @@ async fn watch(
     shutdown: &CancellationToken,
 ) -> Result<(), bulkops_shared::amqp::AmqpError> {
     let channel = link.channel().await?;
-    with_timeout(link.timeout(), topology.declare(&channel)).await?;
-    with_timeout(
-        link.timeout(),
-        channel.basic_qos(50, BasicQosOptions { global: false }),
-    )
-    .await?;
-    let mut consumer = with_timeout(
-        link.timeout(),
-        channel.basic_consume(
-            topology.dead_watch_queue().into(),
-            format!("bulkops-dead-watch-{}", uuid::Uuid::new_v4())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    let mut pauses = failure_backoff();
+    link.prepare_consuming(&channel, topology, 50).await?;
+    let tag = format!("bulkops-dead-watch-{}", uuid::Uuid::new_v4());
+    let mut consumer = link
+        .consume(&channel, &topology.dead_watch_queue(), &tag)
+        .await?;
+    let mut pauses = Backoff::reconnect();
     loop {
         let delivery = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -143,20 +128,9 @@ async fn watch(
             .instrument(span)
             .await
         {
-            pauses = failure_backoff();
+            pauses.reset();
         }
     }
-}
-
-/// Pauses before a dead letter that could not be recorded comes round again.
-fn failure_backoff() -> impl Iterator<Item = Duration> {
-    use backon::{BackoffBuilder, ExponentialBuilder};
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Records one dead letter; returns whether it could be recorded (or needed nothing).
@@ -164,7 +138,7 @@ async fn handle(
     watcher: &Watcher,
     amqp_timeout: Duration,
     delivery: Delivery,
-    pauses: &mut impl Iterator<Item = Duration>,
+    pauses: &mut Backoff,
 ) -> bool {
     let Ok(msg) = WorkMessage::decode(&delivery.data) else {
         // Nothing to record for a message that names no item; the copy in the dead-letter
@@ -193,7 +167,7 @@ async fn handle(
             if let Some(held) = watcher.logs.admit("record") {
                 tracing::warn!(batch_id = %msg.batch_id, seq = msg.seq, error = %e, repeats_since_last_line = held, "cannot record a dead letter yet; retrying");
             }
-            tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))).await;
+            tokio::time::sleep(pauses.next_pause()).await;
             let _ = with_timeout(
                 amqp_timeout,
                 delivery.acker.nack(BasicNackOptions {

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use bulkops_shared::backoff::Backoff;
 use bulkops_shared::lock::{LockErrorKind, LockTarget, Locks};
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::ratelog::LogGate;
@@ -70,22 +70,14 @@ impl std::fmt::Debug for LockGate {
     }
 }
 
-fn wait_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// Pauses while a lock call is waited out, before the gate bypasses the locks.
+fn wait_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
 }
 
-fn probe_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(15))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// Pauses between probes while the locks are bypassed.
+fn probe_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(15))
 }
 
 impl LockGate {
@@ -172,13 +164,9 @@ impl LockGate {
                 self.open(class);
                 return Ok(Acquired::Bypassed);
             }
-            let pause = backoff
-                .next()
-                .unwrap_or(Duration::from_secs(2))
-                .min(deadline - now);
-            tokio::select! {
-                () = shutdown.cancelled() => return Err(Interrupted),
-                () = tokio::time::sleep(pause) => {}
+            let pause = backoff.next_pause().min(deadline - now);
+            if !bulkops_shared::shutdown::sleep(shutdown, pause).await {
+                return Err(Interrupted);
             }
             if let Some(w) = waiting.as_mut() {
                 w.still();
@@ -224,14 +212,13 @@ impl LockGate {
         let mut backoff = probe_backoff();
         loop {
             let pause = if self.is_bypassing() {
-                backoff.next().unwrap_or(Duration::from_secs(15))
+                backoff.next_pause()
             } else {
-                backoff = probe_backoff();
+                backoff.reset();
                 Duration::from_millis(500)
             };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(pause) => {}
+            if !bulkops_shared::shutdown::sleep(&shutdown, pause).await {
+                return;
             }
             if !self.is_bypassing() {
                 continue;

@@ -46,12 +46,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bulkops_shared::amqp::{AmqpLink, Publisher};
 use bulkops_shared::batch::Lane;
 use bulkops_shared::config::Settings;
-use bulkops_shared::lock::Locks;
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_shared::outbox::OutboxRelay;
+use bulkops_shared::service;
 use bulkops_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,55 +66,26 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(&settings.metrics.bind)
         .await
         .with_context(|| format!("cannot listen on metrics.bind {}", settings.metrics.bind))?;
-    let db = bulkops_shared::db::connect(&settings.database)
-        .await
-        .context("database.url")?;
-    let control = bulkops_shared::db::connect(&bulkops_shared::config::DatabaseSettings {
-        max_connections: 1,
-        min_connections: 0,
-        ..settings.database.clone()
-    })
-    .await
-    .context("database.url")?;
+    let db = service::pool(&settings.database).await?;
+    let control = service::side_pool(&settings.database, 1).await?;
     let metrics = WorkerMetrics::new().context("metrics")?;
-    let locks = Locks::connect(&settings.redis).context("redis (redis.url, redis.nodes)")?;
+    let locks = service::locks(&settings)?;
     let topology = Topology::from_settings(&settings);
-    let consume_link = Arc::new(
-        AmqpLink::new(&settings.amqp, "bulkops-worker-consume")
-            .context("amqp.url / amqp.urls")?
-            .with_placement(topology.clone()),
-    );
-    let publish_link = Arc::new(
-        AmqpLink::new(&settings.amqp, "bulkops-worker-publish")
-            .context("amqp.url / amqp.urls")?
-            .with_placement(topology.clone()),
-    );
-    let outages = Arc::new(outage::Outages::new(metrics.clone()));
-    let gate = Arc::new(gate::LockGate::new(
-        locks.clone(),
-        settings.worker.lock_bypass_after(),
+    let consume_link = service::broker_link(&settings, "bulkops-worker-consume", &topology)?;
+    let publish_link = service::broker_link(&settings, "bulkops-worker-publish", &topology)?;
+    let processor = Arc::new(Processor::new(
+        &settings,
+        process::Connections {
+            db: db.clone(),
+            control: control.clone(),
+            locks: locks.clone(),
+            publish: publish_link.clone(),
+        },
         metrics.clone(),
-        outages.clone(),
+        shutdown.clone(),
     ));
-    let processor = Arc::new(Processor {
-        db: db.clone(),
-        gate: gate.clone(),
-        outages: outages.clone(),
-        logs: bulkops_shared::ratelog::LogGate::default(),
-        meta: meta::MetaCache::new(db.clone(), settings.database.call_timeout()),
-        publisher: Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
-            .with_topology(topology.clone()),
-        topology: topology.clone(),
-        settings: settings.worker.clone(),
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-        chunk_timeout: settings
-            .worker
-            .chunk_timeout(settings.database.statement_timeout_ms),
-        statement_timeout: Duration::from_millis(settings.database.statement_timeout_ms),
-        call_timeout: settings.database.call_timeout(),
-        control: control.clone(),
-    });
+    let gate = processor.gate.clone();
+    let outages = processor.outages.clone();
 
     let tasks = TaskTracker::new();
     let drain = Duration::from_secs(settings.worker.drain_timeout_secs);
@@ -149,16 +119,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     ));
     let relay_stop = CancellationToken::new();
     let relay_task = if settings.outbox.enabled {
-        let relay = OutboxRelay::new(
+        let relay = OutboxRelay::from_settings(
+            &settings,
             db.clone(),
-            Publisher::new(publish_link.clone(), settings.amqp.confirm_window)
-                .with_topology(topology.clone()),
-            topology.events_exchange().to_owned(),
-            settings.outbox.batch_size,
-            Duration::from_millis(settings.outbox.poll_interval_ms),
+            publish_link.clone(),
+            &topology,
             metrics.outbox.clone(),
-        )
-        .with_round_timeout(settings.database.call_timeout() + settings.amqp.timeout() * 2);
+        );
         Some(tokio::spawn(relay.run(relay_stop.clone())))
     } else {
         None

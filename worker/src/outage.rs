@@ -257,12 +257,10 @@ impl Processor {
     /// before every probe, so a flapping dependency cannot make it spin.
     async fn ride_out(&self, dep: Dependency) -> bool {
         let mut waiting = self.outages.enter(dep);
-        let mut backoff = bulkops_shared::amqp::reconnect_backoff();
+        let mut backoff = bulkops_shared::backoff::Backoff::reconnect();
         loop {
-            let pause = backoff.next().unwrap_or(Duration::from_secs(5));
-            tokio::select! {
-                () = self.shutdown.cancelled() => return false,
-                () = tokio::time::sleep(pause) => {}
+            if !bulkops_shared::shutdown::sleep(&self.shutdown, backoff.next_pause()).await {
+                return false;
             }
             if self.probe(dep).await {
                 return true;

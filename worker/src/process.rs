@@ -22,14 +22,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use bulkops_shared::amqp::Publisher;
+use bulkops_shared::amqp::{AmqpLink, Publisher};
 use bulkops_shared::batch::{Lane, reason};
-use bulkops_shared::config::WorkerSettings;
+use bulkops_shared::config::{Settings, WorkerSettings};
 use bulkops_shared::ids::BatchId;
 use bulkops_shared::lock::{LockTarget, Locks};
 use bulkops_shared::messages::WorkMessage;
 use bulkops_shared::metrics::WorkerMetrics;
-use bulkops_shared::progress::{OutcomeDelta, record_outcomes};
+use bulkops_shared::progress::{OutcomeDelta, add_to_shard};
 use bulkops_shared::ratelog::LogGate;
 use bulkops_shared::topology::Topology;
 use lapin::message::Delivery;
@@ -94,12 +94,82 @@ pub struct Processor {
     /// a timed-out chunk's query: neither may wait for the main pool, which the stuck
     /// chunks themselves may hold.
     pub control: DatabaseConnection,
+    /// When this worker last folded each batch's counter shards.
+    pub folded: std::sync::Mutex<std::collections::HashMap<BatchId, Instant>>,
+}
+
+/// The connections a [`Processor`] runs over: the ones a worker makes at start-up, or the
+/// ones a test makes for itself.
+pub struct Connections {
+    /// The CRM database's pool.
+    pub db: DatabaseConnection,
+    /// A pool of one connection, for the database probe and for cancelling a timed-out
+    /// chunk's query ([`Processor::control`]).
+    pub control: DatabaseConnection,
+    /// The record locks (behind the [`LockGate`] the processor builds over them).
+    pub locks: Locks,
+    /// The broker link retries and dead letters are published on.
+    pub publish: Arc<AmqpLink>,
+}
+
+impl Processor {
+    /// The processor of a worker configured by `settings`, over `connections`. Everything
+    /// else a chunk needs (the lock gate and its outage book-keeping, the batch cache, the
+    /// confirmed publisher, the timeouts) is built here, in one place, so the processor a
+    /// test drives is the one the worker runs. The gate's background probe
+    /// ([`LockGate::maintain`]) is the caller's to spawn.
+    pub fn new(
+        settings: &Settings,
+        connections: Connections,
+        metrics: WorkerMetrics,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let Connections {
+            db,
+            control,
+            locks,
+            publish,
+        } = connections;
+        let topology = Topology::from_settings(settings);
+        let outages = Arc::new(Outages::new(metrics.clone()));
+        let gate = Arc::new(LockGate::new(
+            locks,
+            settings.worker.lock_bypass_after(),
+            metrics.clone(),
+            outages.clone(),
+        ));
+        Self {
+            meta: MetaCache::new(db.clone(), settings.database.call_timeout()),
+            db,
+            gate,
+            outages,
+            logs: LogGate::default(),
+            publisher: Publisher::new(publish, settings.amqp.confirm_window)
+                .with_topology(topology.clone()),
+            topology,
+            settings: settings.worker.clone(),
+            metrics,
+            shutdown,
+            chunk_timeout: settings
+                .worker
+                .chunk_timeout(settings.database.statement_timeout_ms),
+            statement_timeout: Duration::from_millis(settings.database.statement_timeout_ms),
+            call_timeout: settings.database.call_timeout(),
+            control,
+            folded: Default::default(),
+        }
+    }
 }
 
 /// How much longer than the chunk's server-side statement timeout the client waits: the
 /// server normally ends a stuck statement itself (SQLSTATE 57014) and the connection stays
 /// usable; the client-side timeout is for a server that does not answer at all.
 const CHUNK_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a worker folds a running batch's counter shards into its counters (see
+/// [`bulkops_shared::progress`]): the lag of the counts that the API, the metrics and the
+/// splitter's windows read while a batch runs. A batch's last items are folded at once.
+pub const FOLD_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Processor {
     /// Processes one chunk of deliveries from `lane`. Every delivery is acked, re-routed or
@@ -296,9 +366,12 @@ impl Processor {
         let started = Instant::now();
         let items: Vec<(i64, i64)> = works.iter().map(|w| (w.msg.seq, w.msg.target_id)).collect();
         match self.commit_with_retries(job, meta, &items).await {
-            Ok(delta) => {
-                self.record_success(lane, meta, &works, delta, started);
+            Ok(committed) => {
+                self.record_success(lane, meta, &works, committed.delta, started);
                 self.settle(&works, Settle::Ack).await;
+                if committed.delta.total() > 0 {
+                    self.fold_after_commit(meta, committed.context).await;
+                }
             }
             Err(Failure::Interrupted) => self.fail(lane, works, Failure::Interrupted).await,
             Err(failure) if works.len() > 1 => {
@@ -313,6 +386,48 @@ impl Processor {
                 Box::pin(self.commit_and_ack(lane, job, meta, second)).await;
             }
             Err(failure) => self.fail(lane, works, failure).await,
+        }
+    }
+
+    /// After a chunk's commit (and its ack): folds the batch's counter shards into its
+    /// counters when every item is decided (completing the batch), or when this worker
+    /// last folded the batch more than [`FOLD_INTERVAL`] ago (so that its progress shows).
+    /// A failed fold is left to the next one, or to the producers' sweep of stale shards:
+    /// nothing is lost, the counts are merely late.
+    async fn fold_after_commit(&self, meta: &BatchMeta, context: Option<String>) {
+        let due = {
+            let mut last = match self.folded.lock() {
+                Ok(last) => last,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let now = Instant::now();
+            if last.len() > 1000 {
+                last.retain(|_, at| now.duration_since(*at) < FOLD_INTERVAL * 10);
+            }
+            match last.get(&meta.id) {
+                Some(at) if now.duration_since(*at) < FOLD_INTERVAL => false,
+                _ => {
+                    last.insert(meta.id, now);
+                    true
+                }
+            }
+        };
+        let fold = async {
+            if !due && !bulkops_shared::progress::ready_to_complete(&self.db, meta.id).await? {
+                return Ok(false);
+            }
+            bulkops_shared::progress::fold(&self.db, meta.id, context.as_deref()).await
+        };
+        let span = tracing::info_span!("worker.fold");
+        match bulkops_shared::db::timed(self.call_timeout, "fold the batch counters", fold)
+            .instrument(span)
+            .await
+        {
+            Ok(true) => tracing::info!("batch completed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "could not fold the batch's counter shards; the next fold or the producers' sweep will");
+            }
         }
     }
 
@@ -357,13 +472,13 @@ impl Processor {
         job: &dyn Job,
         meta: &BatchMeta,
         items: &[(i64, i64)],
-    ) -> Result<OutcomeDelta, Failure> {
+    ) -> Result<Committed, Failure> {
         let mut budget = retry::in_process_backoff(self.settings.in_process_retries);
         loop {
             // The commit may or may not have happened; running the chunk again is safe
             // either way (items leave `pending` once).
             let err = match self.commit(job, meta, items).await {
-                Ok(delta) => return Ok(delta),
+                Ok(committed) => return Ok(committed),
                 Err(err) => err,
             };
             let failure = match &err {
@@ -393,7 +508,7 @@ impl Processor {
         job: &dyn Job,
         meta: &BatchMeta,
         items: &[(i64, i64)],
-    ) -> Result<OutcomeDelta, ChunkError> {
+    ) -> Result<Committed, ChunkError> {
         let backend = AtomicI32::new(0);
         match tokio::time::timeout(
             self.chunk_timeout + CHUNK_GRACE,
@@ -436,7 +551,7 @@ impl Processor {
         meta: &BatchMeta,
         items: &[(i64, i64)],
         backend: &AtomicI32,
-    ) -> Result<OutcomeDelta, sea_orm::DbErr> {
+    ) -> Result<Committed, sea_orm::DbErr> {
         let tx = self.db.begin().await?;
         // One round trip: the backend to cancel if the client gives up, and, when the
         // chunk timeout is the tighter bound, it as this transaction's statement timeout
@@ -458,15 +573,24 @@ impl Processor {
         bulkops_shared::telemetry::propagation::stamp_transaction(&tx).await?;
         let delta = job.apply(&tx, meta, items).await?;
         crate::spans::record_outcomes(&delta);
-        let completed = record_outcomes(&tx, meta.id, delta).await?;
+        add_to_shard(&tx, meta.id, delta).await?;
         tx.commit()
             .instrument(tracing::info_span!("worker.commit"))
             .await?;
-        if completed {
-            tracing::info!("batch completed");
-        }
-        Ok(delta)
+        Ok(Committed {
+            delta,
+            context: bulkops_shared::telemetry::propagation::current(),
+        })
     }
+}
+
+/// What a chunk's committed transaction decided.
+struct Committed {
+    /// The outcomes it recorded (in its backend's counter shard).
+    delta: OutcomeDelta,
+    /// The trace context it committed under (its `worker.apply` span), for the event of
+    /// the fold that completes the batch.
+    context: Option<String>,
 }
 
 /// Why a chunk's transaction did not commit.

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bulkops_shared::amqp::AmqpLink;
@@ -46,12 +45,7 @@ pub fn router(probe: Probe) -> Router {
 }
 
 async fn metrics(State(p): State<Probe>) -> Response {
-    let mut response = bulkops_shared::metrics::encode(&p.metrics.registry).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    response
+    bulkops_shared::metrics::http_response(&p.metrics.registry).into_response()
 }
 
 async fn readyz(State(p): State<Probe>) -> Response {
@@ -61,10 +55,5 @@ async fn readyz(State(p): State<Probe>) -> Response {
     if p.gate.is_bypassing() {
         r.degraded.push("redis_locks_bypassed");
     }
-    let status = if r.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(r)).into_response()
+    (r.http_status(), axum::Json(r)).into_response()
 }

@@ -169,9 +169,8 @@ impl Status {
         let logs = LogGate::default();
         let mut last: Option<Instant> = None;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !bulkops_shared::shutdown::sleep(shutdown, Duration::from_secs(1)).await {
+                break;
             }
             let current = self.outages.current();
             if current.is_empty() {

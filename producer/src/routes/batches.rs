@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::extract::{ApiQuery, int_from_str};
 use crate::problem::{ApiError, Problem};
-use crate::routes::search::{Export, csv_response, exports_busy};
+use crate::routes::search::{Export, exports_busy};
 use crate::state::AppState;
 
 /// Largest page of batches or items.
@@ -250,19 +250,30 @@ pub async fn item_page(
     after: i64,
     limit: i64,
 ) -> Result<ItemPage, ApiError> {
-    let mut params: Vec<Value> = vec![id.into(), after.into(), (limit + 1).into()];
-    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1 AND seq > $2");
-    if let Some(st) = status {
-        params.push(st.as_str().into());
-        sql.push_str(&format!(" AND status = ${}", params.len()));
-    }
-    sql.push_str(" ORDER BY seq LIMIT $3");
     let rows = db
-        .query_all_raw(stmt(sql, params))
+        .query_all_raw(items_statement(id, status, after, limit + 1))
         .await
         .map_err(ApiError::db)?;
     let (items, next_after) = super::keyset_page(&rows, limit, item_from_row, |i| i.seq)?;
     Ok(ItemPage { items, next_after })
+}
+
+/// One keyset page of a batch's items (optionally of one status): seqs above `after`, by
+/// seq, at most `limit`.
+fn items_statement(
+    id: BatchId,
+    status: Option<ItemStatus>,
+    after: i64,
+    limit: i64,
+) -> sea_orm::Statement {
+    let mut params: Vec<Value> = vec![id.into(), after.into(), limit.into()];
+    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1 AND seq > $2");
+    if let Some(st) = status {
+        params.push(st.as_str().into());
+        sql.push_str(" AND status = $4");
+    }
+    sql.push_str(" ORDER BY seq LIMIT $3");
+    stmt(sql, params)
 }
 
 /// Every item of a batch as CSV, streamed.
@@ -297,46 +308,15 @@ pub async fn items_csv(
 /// pool (see `search_csv`): the items are frozen and each moves from `pending` to its
 /// outcome once, so every item appears exactly once, with its status as of its page.
 pub fn items_csv_response(export: Export, id: BatchId, status: Option<ItemStatus>) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        let header = csv_safe::line(&ITEM_CSV_HEADER);
-        if !export.send(&tx, header).await {
-            return;
-        }
-        let mut after = 0_i64;
-        loop {
-            let mut params: Vec<Value> = vec![id.into(), after.into(), CSV_PAGE.into()];
-            let mut sql =
-                format!("SELECT {ITEM_COLUMNS} FROM bulk_items WHERE batch_id = $1 AND seq > $2");
-            if let Some(st) = status {
-                params.push(st.as_str().into());
-                sql.push_str(" AND status = $4");
-            }
-            sql.push_str(" ORDER BY seq LIMIT $3");
-            let rows = match export.page(stmt(sql, params)).await {
-                Ok(rows) => rows,
-                Err(e) => return export.fail(&tx, &e).await,
-            };
-            let mut buf = Vec::with_capacity(rows.len() * 40);
-            for r in &rows {
-                let item = match item_from_row(r) {
-                    Ok(item) => item,
-                    Err(e) => return export.fail(&tx, &e).await,
-                };
-                after = item.seq;
-                buf.extend_from_slice(&item.csv_line());
-            }
-            if !buf.is_empty() && !export.send(&tx, bytes::Bytes::from(buf)).await {
-                return;
-            }
-            if (rows.len() as i64) < CSV_PAGE {
-                return;
-            }
-        }
-    });
     let name = match status {
         Some(st) => format!("batch-{id}-items-{}.csv", st.as_str()),
         None => format!("batch-{id}-items.csv"),
     };
-    csv_response(rx, &name)
+    export.stream(
+        &name,
+        csv_safe::line(&ITEM_CSV_HEADER),
+        CSV_PAGE,
+        move |after| items_statement(id, status, after, CSV_PAGE),
+        |r| item_from_row(r).map(|item| (item.seq, item.csv_line())),
+    )
 }

@@ -1,7 +1,6 @@
 //! Operational endpoints: `/metrics`, `/healthz`, `/readyz`, `/v1/openapi.json`.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bulkops_shared::health::{Readiness, check};
 
@@ -11,12 +10,7 @@ use crate::state::AppState;
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let mut response = bulkops_shared::metrics::encode(&state.metrics.registry).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    response
+    bulkops_shared::metrics::http_response(&state.metrics.registry).into_response()
 }
 
 /// Liveness: the process answers.
@@ -39,12 +33,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         &state.metrics.health,
     )
     .await;
-    let status = if r.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(r)).into_response()
+    (r.http_status(), axum::Json(r)).into_response()
 }
 
 /// The OpenAPI 3 document of this API, generated from the code.

@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use bulkops_shared::csv_safe;
 use bulkops_shared::db::stmt;
 use bulkops_shared::filter::SearchFilter;
+use bulkops_shared::ids::AgencyId;
 use futures_util::StreamExt;
-use sea_orm::{ConnectionTrait, Value};
+use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, QueryResult, Statement, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -47,8 +48,8 @@ pub struct SearchCsvRequest {
     pub filter: SearchFilter,
 }
 
-/// One Individual found.
-#[derive(Debug, Serialize, ToSchema)]
+/// One Individual found (read from a row of [`ITEM_COLUMNS`] by column name).
+#[derive(Debug, Serialize, ToSchema, FromQueryResult)]
 pub struct SearchItem {
     /// The Individual.
     pub id: i64,
@@ -81,16 +82,59 @@ const ITEM_COLUMNS: &str =
     "i.id, i.first_name, i.last_name, i.status, i.state, i.servicing_agent_id,
      EXISTS (SELECT 1 FROM sales_records sr WHERE sr.individual_id = i.id) AS has_sales_record";
 
-fn item_from_row(r: &sea_orm::QueryResult) -> Result<SearchItem, sea_orm::DbErr> {
-    Ok(SearchItem {
-        id: r.try_get("", "id")?,
-        first_name: r.try_get("", "first_name")?,
-        last_name: r.try_get("", "last_name")?,
-        status: r.try_get("", "status")?,
-        state: r.try_get("", "state")?,
-        servicing_agent_id: r.try_get("", "servicing_agent_id")?,
-        has_sales_record: r.try_get("", "has_sales_record")?,
-    })
+/// The CSV export's header, in [`SearchItem::csv_line`]'s order.
+const CSV_HEADER: [&str; 7] = [
+    "id",
+    "first_name",
+    "last_name",
+    "status",
+    "state",
+    "servicing_agent_id",
+    "has_sales_record",
+];
+
+fn item_from_row(r: &QueryResult) -> Result<SearchItem, DbErr> {
+    SearchItem::from_query_result(r, "")
+}
+
+impl SearchItem {
+    /// The Individual as a CSV line in [`CSV_HEADER`]'s order (empty cells for missing
+    /// values).
+    fn csv_line(&self) -> bytes::Bytes {
+        csv_safe::line(&[
+            &self.id.to_string(),
+            self.first_name.as_deref().unwrap_or(""),
+            self.last_name.as_deref().unwrap_or(""),
+            self.status.as_deref().unwrap_or(""),
+            self.state.as_deref().unwrap_or(""),
+            &self
+                .servicing_agent_id
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            if self.has_sales_record {
+                "true"
+            } else {
+                "false"
+            },
+        ])
+    }
+}
+
+/// One keyset page of the agency's Individuals that match `filter`: ids above `after`, by
+/// id, at most `limit`.
+fn page_statement(agency: AgencyId, filter: &SearchFilter, after: i64, limit: i64) -> Statement {
+    let mut params: Vec<Value> = vec![agency.into()];
+    let conditions = filter.to_sql("i", &mut params);
+    params.push(after.into());
+    params.push(limit.into());
+    let sql = format!(
+        "SELECT {ITEM_COLUMNS} FROM individuals i
+          WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
+          ORDER BY i.id LIMIT ${}",
+        params.len() - 1,
+        params.len()
+    );
+    stmt(sql, params)
 }
 
 /// Validates a filter that came with a request body.
@@ -134,25 +178,21 @@ pub async fn search(
         format!("SELECT count(*) AS n FROM individuals i WHERE i.agency_id = $1 AND {conditions}");
     let total: i64 = state
         .db
-        .query_one_raw(stmt(count_sql, params.clone()))
+        .query_one_raw(stmt(count_sql, params))
         .await
         .map_err(ApiError::db)?
         .map(|r| r.try_get("", "n"))
         .transpose()
         .map_err(ApiError::db)?
         .unwrap_or(0);
-    params.push(req.after.unwrap_or(0).into());
-    params.push((limit + 1).into());
-    let page_sql = format!(
-        "SELECT {ITEM_COLUMNS} FROM individuals i
-          WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
-          ORDER BY i.id LIMIT ${}",
-        params.len() - 1,
-        params.len()
-    );
     let rows = state
         .db
-        .query_all_raw(stmt(page_sql, params))
+        .query_all_raw(page_statement(
+            caller.agency_id,
+            &filter,
+            req.after.unwrap_or(0),
+            limit + 1,
+        ))
         .await
         .map_err(ApiError::db)?;
     let (items, next_after) = super::keyset_page(&rows, limit, item_from_row, |i| i.id)?;
@@ -195,73 +235,14 @@ pub async fn search_csv(
     let Some(export) = Export::start(&state) else {
         return Ok(exports_busy());
     };
-    let (tx_out, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let agency = caller.agency_id;
-    // The stream's task ends when the client goes away or stops reading (a send fails or
-    // times out) or the rows run out; it holds an export permit until then.
-    tokio::spawn(async move {
-        let header = csv_safe::line(&[
-            "id",
-            "first_name",
-            "last_name",
-            "status",
-            "state",
-            "servicing_agent_id",
-            "has_sales_record",
-        ]);
-        if !export.send(&tx_out, header).await {
-            return;
-        }
-        let mut after = 0_i64;
-        loop {
-            let mut params: Vec<Value> = vec![agency.into()];
-            let conditions = filter.to_sql("i", &mut params);
-            params.push(after.into());
-            params.push(CSV_PAGE.into());
-            let sql = format!(
-                "SELECT {ITEM_COLUMNS} FROM individuals i
-                  WHERE i.agency_id = $1 AND {conditions} AND i.id > ${}
-                  ORDER BY i.id LIMIT ${}",
-                params.len() - 1,
-                params.len()
-            );
-            let rows = match export.page(stmt(sql, params)).await {
-                Ok(rows) => rows,
-                Err(e) => return export.fail(&tx_out, &e).await,
-            };
-            let mut buf = Vec::with_capacity(rows.len() * 64);
-            for r in &rows {
-                let item = match item_from_row(r) {
-                    Ok(item) => item,
-                    Err(e) => return export.fail(&tx_out, &e).await,
-                };
-                after = item.id;
-                buf.extend_from_slice(&csv_safe::line(&[
-                    &item.id.to_string(),
-                    item.first_name.as_deref().unwrap_or(""),
-                    item.last_name.as_deref().unwrap_or(""),
-                    item.status.as_deref().unwrap_or(""),
-                    item.state.as_deref().unwrap_or(""),
-                    &item
-                        .servicing_agent_id
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    if item.has_sales_record {
-                        "true"
-                    } else {
-                        "false"
-                    },
-                ]));
-            }
-            if !buf.is_empty() && !export.send(&tx_out, bytes::Bytes::from(buf)).await {
-                return;
-            }
-            if (rows.len() as i64) < CSV_PAGE {
-                return;
-            }
-        }
-    });
-    Ok(csv_response(rx, "individuals.csv"))
+    Ok(export.stream(
+        "individuals.csv",
+        csv_safe::line(&CSV_HEADER),
+        CSV_PAGE,
+        move |after| page_statement(agency, &filter, after, CSV_PAGE),
+        |r| item_from_row(r).map(|item| (item.id, item.csv_line())),
+    ))
 }
 
 /// One running CSV export: its permit, its pool and its timeouts.
@@ -288,10 +269,7 @@ impl Export {
     ///
     /// # Errors
     /// Database errors and the client-side timeout.
-    pub async fn page(
-        &self,
-        statement: sea_orm::Statement,
-    ) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
+    pub async fn page(&self, statement: Statement) -> Result<Vec<QueryResult>, DbErr> {
         bulkops_shared::db::timed(
             self.call_timeout,
             "csv export page",
@@ -313,12 +291,58 @@ impl Export {
         )
     }
 
+    /// Streams a CSV download called `filename`: `header`, then the lines of keyset pages
+    /// of `page_size` rows, each page read by the statement `page(after)` (rows keyed
+    /// above `after`, by key) on the exports' pool, each row turned into its key and its
+    /// line by `line`. A page shorter than `page_size` is the last. The task behind the
+    /// stream ends when the rows run out, when the client goes away or stops reading (a
+    /// send fails or times out), or when a read fails (the response is then cut short);
+    /// it holds the export permit until then.
+    pub fn stream(
+        self,
+        filename: &str,
+        header: bytes::Bytes,
+        page_size: i64,
+        page: impl Fn(i64) -> Statement + Send + 'static,
+        line: impl Fn(&QueryResult) -> Result<(i64, bytes::Bytes), DbErr> + Send + 'static,
+    ) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        tokio::spawn(async move {
+            if !self.send(&tx, header).await {
+                return;
+            }
+            let mut after = 0_i64;
+            loop {
+                let rows = match self.page(page(after)).await {
+                    Ok(rows) => rows,
+                    Err(e) => return self.fail(&tx, &e).await,
+                };
+                let mut buf = Vec::with_capacity(rows.len() * 64);
+                for r in &rows {
+                    let (key, bytes) = match line(r) {
+                        Ok(keyed) => keyed,
+                        Err(e) => return self.fail(&tx, &e).await,
+                    };
+                    after = key;
+                    buf.extend_from_slice(&bytes);
+                }
+                if !buf.is_empty() && !self.send(&tx, bytes::Bytes::from(buf)).await {
+                    return;
+                }
+                if (rows.len() as i64) < page_size {
+                    return;
+                }
+            }
+        });
+        csv_response(rx, filename)
+    }
+
     /// Ends the stream with an error (the client sees a cut response, never a short one
     /// that looks complete).
     pub async fn fail(
         &self,
         tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
-        err: &sea_orm::DbErr,
+        err: &DbErr,
     ) {
         tracing::warn!(error = %err, "csv export failed; the response is cut short");
         let _ = tokio::time::timeout(
@@ -345,7 +369,7 @@ pub fn exports_busy() -> Response {
 }
 
 /// A streamed `text/csv` response.
-pub fn csv_response(
+fn csv_response(
     rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
     filename: &str,
 ) -> Response {

@@ -37,9 +37,8 @@ pub async fn run(db: DatabaseConnection, shutdown: CancellationToken) {
         if let Err(e) = sample(&db).await {
             tracing::debug!(error = %e, "throughput sample not taken");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(PERIOD) => {}
+        if !bulkops_shared::shutdown::sleep(&shutdown, PERIOD).await {
+            return;
         }
     }
 }

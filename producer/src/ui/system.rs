@@ -12,7 +12,7 @@ use bulkops_shared::db::stmt;
 use bulkops_shared::topology::Topology;
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult};
 
 use super::views::{self, fmt_int};
 use crate::monitor::queue_label;
@@ -68,8 +68,8 @@ pub fn dead_letters(state: &AppState, topology: &Topology) -> i64 {
         .get()
 }
 
-/// One worker's last heartbeat.
-#[derive(Debug, Clone)]
+/// One worker's last heartbeat (read from its `worker_status` row by column name).
+#[derive(Debug, Clone, FromQueryResult)]
 pub struct Worker {
     /// Its host (the pod's name in Kubernetes).
     pub host: String,
@@ -80,6 +80,7 @@ pub struct Worker {
     /// When it started.
     pub started_at: DateTime<Utc>,
     /// Seconds since its last heartbeat.
+    #[sea_orm(from_alias = "silent")]
     pub silent_secs: f64,
     /// Its readiness check passed.
     pub ready: bool,
@@ -138,20 +139,7 @@ pub async fn workers(db: &DatabaseConnection) -> Result<Vec<Worker>, DbErr> {
         ))
         .await?;
     rows.iter()
-        .map(|r| {
-            Ok(Worker {
-                host: r.try_get("", "host")?,
-                pid: r.try_get("", "pid")?,
-                version: r.try_get("", "version")?,
-                started_at: r.try_get("", "started_at")?,
-                silent_secs: r.try_get("", "silent")?,
-                ready: r.try_get("", "ready")?,
-                broker: r.try_get("", "broker")?,
-                redis: r.try_get("", "redis")?,
-                inflight: r.try_get("", "inflight")?,
-                draining: r.try_get("", "draining")?,
-            })
-        })
+        .map(|r| Worker::from_query_result(r, ""))
         .collect()
 }
 

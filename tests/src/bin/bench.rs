@@ -420,14 +420,16 @@ async fn seed_create_template(name: &str, individuals: i64) -> anyhow::Result<(i
     Ok((s.agency_id, s.admin_user_id, s.record_type_id))
 }
 
-/// The set-based limit: the same bulk create (rules 4–6) as one transaction.
+/// The set-based limit: the same bulk create (rules 4–6) of the Individuals `filter` finds,
+/// as one transaction.
 async fn limit_create(
     db: &DatabaseConnection,
     agency: i64,
     record_type: i64,
+    filter: &str,
 ) -> anyhow::Result<(f64, i64)> {
     let filter =
-        bulkops_shared::filter::SearchFilter::parse(&serde_json::from_str(FILTER)?, "filter")
+        bulkops_shared::filter::SearchFilter::parse(&serde_json::from_str(filter)?, "filter")
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut params: Vec<sea_orm::Value> = vec![
         agency.into(),
@@ -1036,7 +1038,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..a.runs {
         let db = clone_db("bulkops_bench_create", "bulkops_bench_run").await?;
         let meter = Meter::start(Vec::new(), Vec::new());
-        let (secs, created) = limit_create(&db, agency, record_type).await?;
+        let (secs, created) = limit_create(&db, agency, record_type, FILTER).await?;
         limit_cost.push(meter.stop().await);
         limit_secs.push(secs);
         limit_created = created;
@@ -1217,7 +1219,12 @@ async fn main() -> anyhow::Result<()> {
             let d = deploy(
                 "bulkops_bench_run",
                 0,
-                &[("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", "0".into())],
+                // No window at all (the batch's nor the agency's): with no worker running,
+                // any window would stop the split at its size.
+                &[
+                    ("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", "0".into()),
+                    ("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_AGENCY", "0".into()),
+                ],
                 "accept-big",
             )
             .await?;
@@ -1280,6 +1287,25 @@ async fn main() -> anyhow::Result<()> {
                 format!("{:.0} MB", producer_rss as f64 / 1024.0),
                 "target < 150 MB".into(),
             );
+        }
+
+        // c. the set-based limit on the same Individuals: how much of the growth in the
+        // per-record cost from N to BIG the data's size alone explains.
+        {
+            let db = clone_db("bulkops_bench_big", "bulkops_bench_run").await?;
+            let meter = Meter::start(Vec::new(), Vec::new());
+            let (secs, created) = limit_create(&db, big_agency, big_type, "{}").await?;
+            let usage = meter.stop().await;
+            r.row(
+                &format!("c. set-based limit on the same {} Individuals", a.big),
+                format!("{:.0} rec/s", created as f64 / secs),
+                format!("{created} created in {secs:.1} s"),
+            );
+            costs.push((
+                format!("set-based limit, {created} created (c)"),
+                per_thousand(&[usage], created),
+            ));
+            db.close().await?;
         }
 
         // c'. the same request end to end with two workers; d. fairness under it.

@@ -7,12 +7,13 @@ use bulkops_shared::config::{Settings, Sources};
 use bulkops_tests::TestEnv;
 use bulkops_tests::env::{Endpoints, pg_server};
 use bulkops_tests::pg_cluster::{PgBouncer, PgPair, PoolMode};
-use bulkops_tests::scenario::{assert_mid_batch, create_world, finish_create, wait_done};
+use bulkops_tests::scenario::{
+    assert_mid_batch, finish_create, keep_splitting, mid_batch, start_create_ready, wait_all_ready,
+};
 use bulkops_tests::services::Stop;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
-use serde_json::json;
 
-use crate::redis::{assert_none_failed, start_processes, wait_all_ready};
+use crate::redis::assert_none_failed;
 use crate::{record, runs};
 
 const CREATE_ITEMS: i64 = 3000;
@@ -152,23 +153,9 @@ async fn pgbouncer_restarted_mid_batch() {
         .await
         .expect("env");
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
-        // A small queue window keeps the producer splitting (reading and writing the
-        // database, publishing) while the fault lands, not only the workers.
-        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
-            .await;
-        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
-        let w = create_world(&env, CREATE_ITEMS).await;
-        let (api, probes) = start_processes(&env, 3).await;
-        wait_all_ready(&probes).await;
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
-        wait_done(&env, batch, CREATE_ITEMS / 3).await;
-        assert_mid_batch(&env, batch).await;
+        keep_splitting(&env, 200).await;
+        let (batch, probes) = start_create_ready(&env, CREATE_ITEMS, 3).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 3).await;
         // SIGTERM: PgBouncer 1.18 drops every client and server connection at once.
         bouncer
             .restart(Stop::Graceful, Duration::from_secs(2))
@@ -197,25 +184,11 @@ async fn postgres_primary_failover_mid_batch() {
         .await
         .expect("env");
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
-        // A small queue window keeps the producer splitting (reading and writing the
-        // database, publishing) while the fault lands, not only the workers.
-        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
-            .await;
-        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
+        keep_splitting(&env, 200).await;
         // Outages end sooner than the default 5 s acquire timeout would notice.
         env.set("BULKOPS__DATABASE__ACQUIRE_TIMEOUT_MS", 2000).await;
-        let w = create_world(&env, CREATE_ITEMS).await;
-        let (api, probes) = start_processes(&env, 3).await;
-        wait_all_ready(&probes).await;
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
-        wait_done(&env, batch, CREATE_ITEMS / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let (batch, probes) = start_create_ready(&env, CREATE_ITEMS, 3).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 3).await;
         // The failover manager fences the primary: it keeps answering, read-only (25006
         // on every write of the pools' open connections)…
         pair.primary.fence_read_only().await.expect("fence");

@@ -7,12 +7,11 @@ use crate::{record, runs};
 use bulkops_shared::config::{RedisMode, Settings, Sources};
 use bulkops_shared::lock::{LockTarget, Locks};
 use bulkops_tests::TestEnv;
-use bulkops_tests::api::{Api, token};
 use bulkops_tests::redis_cluster::{RedisCluster, SENTINEL_MASTER, SentinelSet, cli};
 use bulkops_tests::scenario::{
-    assert_mid_batch, convert_world, create_world, finish_convert, finish_create, wait_done,
+    assert_mid_batch, convert_world, finish_convert, finish_create, keep_splitting, mid_batch,
+    start_create_ready, start_processes, wait_all_ready,
 };
-use serde_json::json;
 
 fn lock_settings(mode: RedisMode, nodes: &str) -> bulkops_shared::config::RedisSettings {
     let sources = Sources {
@@ -163,41 +162,6 @@ pub(crate) async fn assert_none_failed(env: &TestEnv, batch: i64) {
     assert_eq!(failed, 0, "items of batch {batch} failed");
 }
 
-/// The producer and `workers` workers; returns the producer's API and every process's
-/// health endpoint (the producer's API serves /readyz too).
-pub(crate) async fn start_processes(env: &TestEnv, workers: usize) -> (Api, Vec<Api>) {
-    let (_, api) = env.start_producer().await.expect("producer");
-    let mut probes = vec![api.clone()];
-    for _ in 0..workers {
-        let w = env.start_worker().await.expect("worker");
-        let addr = w.lock().await.addr.clone().expect("metrics address");
-        probes.push(Api::new(&format!("http://{addr}")));
-    }
-    (api, probes)
-}
-
-/// Waits until every process's /readyz says 200 (bounded: a process that never becomes
-/// ready again fails the test).
-pub(crate) async fn wait_all_ready(probes: &[Api]) {
-    for probe in probes {
-        let started = Instant::now();
-        loop {
-            let r = probe
-                .send(reqwest::Method::GET, "/readyz", None, None, &[])
-                .await;
-            if matches!(&r, Ok(r) if r.status == reqwest::StatusCode::OK) {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} stays unready: {r:?}",
-                probe.base
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
 async fn on_redis_cluster(env: &TestEnv, cluster: &RedisCluster) {
     env.set("BULKOPS__REDIS__MODE", "cluster").await;
     env.set("BULKOPS__REDIS__NODES", cluster.seeds()).await;
@@ -213,18 +177,14 @@ async fn on_sentinels(env: &TestEnv, set: &SentinelSet) {
     env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
 }
 
-async fn start_create(env: &TestEnv, workers: usize) -> (i64, Vec<Api>) {
-    let w = create_world(env, CREATE_ITEMS).await;
-    let (api, probes) = start_processes(env, workers).await;
-    wait_all_ready(&probes).await;
-    let batch = api
-        .bulk_create(
-            &w.token(),
-            &json!({"filter": {}, "record_type_id": w.record_type}),
-        )
-        .await
-        .expect("bulk create");
-    (batch, probes)
+/// A bulk create with 3 workers on Redis as `env` is set up: nothing fails, nothing is
+/// lost or duplicated; recorded as `what`.
+async fn healthy_create(env: TestEnv, what: &str) {
+    let (batch, _) = start_create_ready(&env, CREATE_ITEMS, 3).await;
+    let tally = finish_create(&env, batch).await;
+    assert_none_failed(&env, batch).await;
+    record(what, tally);
+    env.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,11 +193,7 @@ async fn bulk_create_on_a_healthy_redis_cluster() {
         let cluster = RedisCluster::start().await.expect("redis cluster");
         let env = TestEnv::new("c_rc_create").await.expect("env");
         on_redis_cluster(&env, &cluster).await;
-        let (batch, _) = start_create(&env, 3).await;
-        let tally = finish_create(&env, batch).await;
-        assert_none_failed(&env, batch).await;
-        record("Redis Cluster (3+3), healthy: bulk create", tally);
-        env.finish().await;
+        healthy_create(env, "Redis Cluster (3+3), healthy: bulk create").await;
     }
 }
 
@@ -248,21 +204,13 @@ async fn redis_cluster_master_killed_mid_conversion() {
         let env = TestEnv::new("c_rc_kill").await.expect("env");
         on_redis_cluster(&env, &cluster).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
-        // A small queue window keeps the producer splitting (reading and writing the
-        // database, publishing) while the fault lands, not only the workers.
-        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
-            .await;
-        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        keep_splitting(&env, 200).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         let (api, probes) = start_processes(&env, 3).await;
         wait_all_ready(&probes).await;
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
-        wait_done(&env, batch, total / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
+        mid_batch(&env, batch, total / 3).await;
         let dead = cluster.kill_a_master().await.expect("kill a master");
         cluster
             .wait_failover_from(dead, Duration::from_secs(60))
@@ -270,7 +218,7 @@ async fn redis_cluster_master_killed_mid_conversion() {
             .expect("a replica takes over");
         // Every process finds the new master by itself.
         wait_all_ready(&probes).await;
-        let tally = finish_convert(&env, batch, &before).await;
+        let tally = finish_convert(&env, batch, &world.before).await;
         assert_none_failed(&env, batch).await;
         record(
             "Redis Cluster master SIGKILL mid-conversion (replica takes over)",
@@ -286,14 +234,11 @@ async fn bulk_create_on_healthy_sentinels() {
         let set = SentinelSet::start().await.expect("sentinels");
         let env = TestEnv::new("c_sn_create").await.expect("env");
         on_sentinels(&env, &set).await;
-        let (batch, _) = start_create(&env, 3).await;
-        let tally = finish_create(&env, batch).await;
-        assert_none_failed(&env, batch).await;
-        record(
+        healthy_create(
+            env,
             "Redis Sentinel (1+1, 3 Sentinels), healthy: bulk create",
-            tally,
-        );
-        env.finish().await;
+        )
+        .await;
     }
 }
 
@@ -306,24 +251,20 @@ async fn sentinel_failovers_mid_batch() {
         // A conversion moves a lead's whole history per item: slow enough, with small
         // chunks, that the batch is still running after two failovers of a few seconds.
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 10).await;
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         let (api, probes) = start_processes(&env, 2).await;
         wait_all_ready(&probes).await;
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
         // A manual failover (the master is demoted under the workers' connections)…
-        wait_done(&env, batch, total / 10).await;
-        assert_mid_batch(&env, batch).await;
+        mid_batch(&env, batch, total / 10).await;
         set.failover().await.expect("manual failover");
         wait_all_ready(&probes).await;
         // …then the new master crashes and the old one takes over again.
         assert_mid_batch(&env, batch).await;
         set.kill_master().await.expect("crash failover");
         wait_all_ready(&probes).await;
-        let tally = finish_convert(&env, batch, &before).await;
+        let tally = finish_convert(&env, batch, &world.before).await;
         assert_none_failed(&env, batch).await;
         record(
             "Redis Sentinel failovers mid-conversion (manual, then master SIGKILL)",

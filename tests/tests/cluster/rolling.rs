@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use bulkops_tests::rabbit_cluster::RabbitCluster;
-use bulkops_tests::scenario::{assert_mid_batch, create_world, finish_create, wait_done};
-use serde_json::json;
+use bulkops_tests::scenario::{bulk_create_all, create_world, finish_create, mid_batch};
 
 use crate::rabbit::{ROLLING_ITEMS, cluster_env, machine_redis, pace};
 use crate::{record, runs};
@@ -27,19 +26,12 @@ async fn rolling_restart_of_every_process() {
         for _ in 0..3 {
             procs.push(env.start_worker().await.expect("worker"));
         }
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         // Workers first, then producers, as a rollout of both Deployments would.
         procs.rotate_left(2);
         let steps = i64::try_from(procs.len()).unwrap_or(5);
         for (k, proc) in procs.iter().enumerate() {
-            wait_done(&env, batch, items * (k as i64 + 1) / (steps + 2)).await;
-            assert_mid_batch(&env, batch).await;
+            mid_batch(&env, batch, items * (k as i64 + 1) / (steps + 2)).await;
             let (name, status) = {
                 let mut p = proc.lock().await;
                 let status = p.terminate(Duration::from_secs(30)).await;

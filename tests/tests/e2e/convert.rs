@@ -869,7 +869,7 @@ async fn a_conversion_batch_survives_workers_killed_again_and_again() {
         let started = std::time::Instant::now();
         while env
             .count(&format!(
-                "SELECT n_converted + n_skipped + n_failed FROM bulk_batches WHERE id = {batch}"
+                "SELECT n_converted + n_skipped + n_failed FROM bulk_batch_live_counts WHERE batch_id = {batch}"
             ))
             .await
             < target

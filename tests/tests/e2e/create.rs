@@ -359,7 +359,7 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
     loop {
         let done = env
             .count(&format!(
-                "SELECT n_created + n_skipped + n_failed FROM bulk_batches WHERE id = {batch}"
+                "SELECT n_created + n_skipped + n_failed FROM bulk_batch_live_counts WHERE batch_id = {batch}"
             ))
             .await;
         if done >= 500 || started.elapsed() > WAIT {
@@ -397,7 +397,7 @@ async fn sigterm_drains_a_worker_within_30_seconds() {
     let started = std::time::Instant::now();
     while env
         .count(&format!(
-            "SELECT n_created FROM bulk_batches WHERE id = {batch}"
+            "SELECT n_created FROM bulk_batch_live_counts WHERE batch_id = {batch}"
         ))
         .await
         < 200

@@ -2,7 +2,8 @@
 //! `convert::apply`, `deadletter::record_failure`) called directly against real PostgreSQL
 //! on separate connections, driven step by step. Each step waits until the other session
 //! is really blocked on a lock (read from `pg_stat_activity`) or done, so the order of
-//! events is the one the test states, never a matter of timing.
+//! events is the one the test states, never a matter of timing. The step helpers and
+//! [`batch`] are shared with `handlers.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,10 +20,10 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use serde_json::json;
 
 /// Longest a step may wait for another session (only keeps a broken run from hanging).
-const STEP: Duration = Duration::from_secs(30);
+pub(crate) const STEP: Duration = Duration::from_secs(30);
 
 /// A pool of exactly one connection, and that connection's backend pid.
-async fn session(env: &TestEnv) -> (DatabaseConnection, i32) {
+pub(crate) async fn session(env: &TestEnv) -> (DatabaseConnection, i32) {
     let mut opts = sea_orm::ConnectOptions::new(env.db_url.clone());
     opts.max_connections(1)
         .min_connections(1)
@@ -53,7 +54,11 @@ async fn blocked(env: &TestEnv, pid: i32) -> bool {
 }
 
 /// Waits until backend `pid` waits for a lock, or `task` has finished.
-async fn until_blocked_or_done<T>(env: &TestEnv, pid: i32, task: &tokio::task::JoinHandle<T>) {
+pub(crate) async fn until_blocked_or_done<T>(
+    env: &TestEnv,
+    pid: i32,
+    task: &tokio::task::JoinHandle<T>,
+) {
     let started = Instant::now();
     while started.elapsed() < STEP {
         if task.is_finished() || blocked(env, pid).await {
@@ -65,7 +70,12 @@ async fn until_blocked_or_done<T>(env: &TestEnv, pid: i32, task: &tokio::task::J
 }
 
 /// A batch of `kind` with the given targets as items 1.., all pending, inserted directly.
-async fn batch(env: &TestEnv, w: &World, kind: BatchKind, targets: &[i64]) -> Arc<BatchMeta> {
+pub(crate) async fn batch(
+    env: &TestEnv,
+    w: &World,
+    kind: BatchKind,
+    targets: &[i64],
+) -> Arc<BatchMeta> {
     let id = insert(
         &env.db,
         "bulk_batches",

@@ -8,6 +8,7 @@
 mod api_edges;
 mod console;
 mod convert;
+mod counters;
 mod create;
 mod exports;
 mod handlers;
@@ -15,6 +16,7 @@ mod interleave;
 mod openapi;
 mod ops;
 mod privacy;
+mod processor;
 mod quota;
 mod retention;
 mod router;

@@ -21,8 +21,9 @@ mod scenarios;
 
 use bulkops_tests::check::Tally;
 pub use bulkops_tests::scenario::{
-    WAIT, assert_mid_batch, convert_world, create_world, finish_convert, finish_create,
-    wait_completed, wait_done,
+    WAIT, assert_mid_batch, bulk_create_all, completed_within, convert_world, create_world,
+    finish_convert, finish_create, keep_splitting, mid_batch, start_processes, wait_completed,
+    wait_done, worker_api,
 };
 
 /// How many times each scenario runs (`FAULT_RUNS`, default 1).

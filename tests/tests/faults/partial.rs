@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use bulkops_tests::TestEnv;
 use bulkops_tests::api::{Api, metric_sum};
 use bulkops_tests::env::{Endpoints, queued_messages};
+use bulkops_tests::fixture::World;
 use bulkops_tests::proxy::FaultProxy;
 use bulkops_tests::services::RedisInstance;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::json;
 
-use crate::{create_world, record, runs, wait_done};
+use crate::{bulk_create_all, completed_within, create_world, record, runs, wait_done, worker_api};
 
 const ITEMS: i64 = 3000;
 
@@ -35,29 +36,10 @@ async fn start(env: &TestEnv, n: usize) -> (Api, Vec<(Api, std::path::PathBuf)>)
     let mut workers = Vec::new();
     for _ in 0..n {
         let p = env.start_worker().await.expect("worker");
-        let p = p.lock().await;
-        let addr = p.addr.clone().expect("metrics address");
-        workers.push((Api::new(&format!("http://{addr}")), p.log.clone()));
+        let api = worker_api(&p).await;
+        workers.push((api, p.lock().await.log.clone()));
     }
     (api, workers)
-}
-
-/// Waits (bounded) until the batch is completed; false when it did not.
-async fn completed_within(env: &TestEnv, batch: i64, bound: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < bound {
-        if env
-            .try_count(&format!(
-                "SELECT count(*) FROM bulk_batches WHERE id = {batch} AND state = 'completed'"
-            ))
-            .await
-            == Some(1)
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
 }
 
 /// Lines a process has logged so far.
@@ -86,18 +68,10 @@ async fn across(
     reason = "the figures are what the run is for; cargo test shows them with --nocapture"
 )]
 fn figure(name: &str, value: serde_json::Value) {
-    use std::io::Write;
-    let dir = bulkops_tests::process::workspace_root()
-        .join("target")
-        .join("reliability");
-    let _ = std::fs::create_dir_all(&dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("figures.jsonl"))
-    {
-        let _ = writeln!(f, "{}", json!({"figure": name, "value": value}));
-    }
+    bulkops_tests::scenario::append_result(
+        "figures.jsonl",
+        &json!({"figure": name, "value": value}),
+    );
     eprintln!("figure {name}: {value}");
 }
 
@@ -129,13 +103,7 @@ async fn redis_refusing_lock_writes() {
         let logs_before: Vec<usize> = workers.iter().map(|(_, l)| log_lines(l)).collect();
         redis.reset_stats().await.expect("reset stats");
         let started = Instant::now();
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         assert!(
             completed_within(&env, batch, bound()).await,
             "the batch completes while Redis refuses lock writes"
@@ -237,13 +205,7 @@ async fn backends_terminated_under_the_workers() {
             .expect("trigger");
         let (api, workers) = start(&env, 2).await;
         let logs_before: Vec<usize> = workers.iter().map(|(_, l)| log_lines(l)).collect();
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         // And three times mid-batch, every bulkops backend of the database is terminated
         // for real (pg_terminate_backend).
         let mut terminated = 0;
@@ -315,13 +277,7 @@ async fn a_chunk_that_keeps_timing_out() {
             .expect("blocker");
         let (api, workers) = start(&env, 2).await;
         let logs_before: Vec<usize> = workers.iter().map(|(_, l)| log_lines(l)).collect();
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         assert!(
             completed_within(&env, batch, bound()).await,
             "the batch completes"
@@ -385,13 +341,7 @@ async fn redis_outage_longer_than_three_stall_periods() {
         env.set("BULKOPS__WORKER__LOCK_BYPASS_AFTER_MS", 600_000)
             .await;
         let (api, _) = start(&env, 2).await;
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         wait_done(&env, batch, ITEMS / 4).await;
         proxy.set_down(true).await;
         let pending = env
@@ -432,66 +382,125 @@ async fn redis_outage_longer_than_three_stall_periods() {
     }
 }
 
+/// Starts a producer with no worker, bulk-creates for every Individual of `w`, waits until
+/// the whole batch is split into the queues, then purges `{prefix}.work.bulk` (shard 1):
+/// its messages are lost. Returns the producer's API and the batch.
+async fn split_then_purge_shard_1(env: &TestEnv, w: &World) -> (Api, i64) {
+    use lapin::options::QueuePurgeOptions;
+    let (_, api) = env.start_producer().await.expect("producer");
+    let batch = bulk_create_all(&api, w).await;
+    let started = Instant::now();
+    while env
+        .count(&format!(
+            "SELECT count(*) FROM bulk_batches WHERE id = {batch} AND split_done_at IS NOT NULL"
+        ))
+        .await
+        == 0
+    {
+        assert!(started.elapsed() < bound(), "the split finishes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = lapin::Connection::connect(
+        &bulkops_tests::env::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    let purged = ch
+        .queue_purge(
+            format!("{}.work.bulk", env.amqp_prefix).as_str().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await
+        .expect("purge");
+    assert!(purged > 0, "messages were lost");
+    let _ = conn.close(200, "done".into()).await;
+    (api, batch)
+}
+
+/// Starts two workers and checks that the stall sweeper brings `batch` to completion with
+/// exactly one republished generation; records the history as `what`.
+async fn workers_finish_in_one_generation(env: &TestEnv, batch: i64, what: &str) {
+    for _ in 0..2 {
+        env.start_worker().await.expect("worker");
+    }
+    assert!(
+        completed_within(env, batch, bound()).await,
+        "the sweeper republishes what was lost"
+    );
+    let generations = env
+        .count(&format!(
+            "SELECT resplit_generation::bigint FROM bulk_batches WHERE id = {batch}"
+        ))
+        .await;
+    assert_eq!(generations, 1, "one republished generation was enough");
+    record(what, crate::finish_create(env, batch).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purged_messages_are_republished_once() {
-    use lapin::options::QueuePurgeOptions;
     for _ in 0..runs() {
         let env = TestEnv::new("f_purged").await.expect("env");
         let w = create_world(&env, ITEMS).await;
         env.set("BULKOPS__SPLIT__STALL_AFTER_SECS", 2).await;
         // No worker yet: the whole batch is split into the queue, then lost to a purge.
-        let (_, api) = env.start_producer().await.expect("producer");
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
-        let started = Instant::now();
-        while env
-            .count(&format!(
-                "SELECT count(*) FROM bulk_batches WHERE id = {batch} AND split_done_at IS NOT NULL"
-            ))
-            .await
-            == 0
-        {
-            assert!(started.elapsed() < bound(), "the split finishes");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let conn = lapin::Connection::connect(
-            &bulkops_tests::env::amqp_url(),
-            lapin::ConnectionProperties::default(),
+        let (_api, batch) = split_then_purge_shard_1(&env, &w).await;
+        workers_finish_in_one_generation(
+            &env,
+            batch,
+            "work queue purged (messages lost), republished by the stall sweeper",
         )
-        .await
-        .expect("amqp");
-        let ch = conn.create_channel().await.expect("channel");
-        let purged = ch
-            .queue_purge(
-                format!("{}.work.bulk", env.amqp_prefix).as_str().into(),
-                QueuePurgeOptions::default(),
-            )
-            .await
-            .expect("purge");
-        assert!(purged > 0, "messages were lost");
-        let _ = conn.close(200, "done".into()).await;
-        for _ in 0..2 {
-            env.start_worker().await.expect("worker");
+        .await;
+        env.finish().await;
+    }
+}
+
+/// With the bulk lane sharded (`amqp.bulk_queues = 3`), one shard purged while the other
+/// two still hold their messages: the stall sweeper must see those (every shard counts as
+/// queued) and hold, not republish the whole batch on top of them; once the workers have
+/// drained the shards, one generation republishes what the purge lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_shard_is_republished_once_the_others_drain() {
+    for _ in 0..runs() {
+        let env = TestEnv::new("f_purged_shard").await.expect("env");
+        let w = create_world(&env, ITEMS).await;
+        env.set("BULKOPS__SPLIT__STALL_AFTER_SECS", 2).await;
+        env.set("BULKOPS__AMQP__BULK_QUEUES", 3).await;
+        let (api, batch) = split_then_purge_shard_1(&env, &w).await;
+        // The sweeper looks at the stalled batch and holds it: shards 2 and 3 still hold
+        // two thirds of its messages.
+        let started = Instant::now();
+        loop {
+            let text = api.metrics_text().await.expect("metrics");
+            if metric_sum(
+                &text,
+                "bulkops_split_stalled_batches",
+                &[("state", "held_queued")],
+            ) >= 1.0
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < bound(),
+                "the sweeper holds the batch while shards hold its messages"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(
-            completed_within(&env, batch, bound()).await,
-            "the sweeper republishes what was lost"
-        );
-        let generations = env
-            .count(&format!(
+        assert_eq!(
+            env.count(&format!(
                 "SELECT resplit_generation::bigint FROM bulk_batches WHERE id = {batch}"
             ))
-            .await;
-        assert_eq!(generations, 1, "one republished generation was enough");
-        record(
-            "work queue purged (messages lost), republished by the stall sweeper",
-            crate::finish_create(&env, batch).await,
+            .await,
+            0,
+            "nothing republished while the other shards hold the batch's messages"
         );
+        workers_finish_in_one_generation(
+            &env,
+            batch,
+            "one of three bulk shards purged, republished by the stall sweeper",
+        )
+        .await;
         env.finish().await;
     }
 }
@@ -531,13 +540,7 @@ async fn database_connections_gone_half_open() {
             .await
             .expect("trigger");
         let (api, _) = start(&env, 2).await;
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         wait_done(&env, batch, ITEMS / 3).await;
         // Every database connection open now goes silent for good (no byte, no FIN), as
         // after a NAT or firewall dropped them; the database itself is fine and new

@@ -3,18 +3,16 @@
 use std::time::Duration;
 
 use bulkops_tests::TestEnv;
-use bulkops_tests::api::token;
 use bulkops_tests::env::{Endpoints, amqp_url};
 use bulkops_tests::proxy::FaultProxy;
 use bulkops_tests::services::{PgInstance, RabbitInstance, RedisInstance, Stop};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use serde_json::json;
 
 use crate::{
-    assert_mid_batch, convert_world, create_world, finish_convert, finish_create, record, runs,
-    wait_done,
+    assert_mid_batch, bulk_create_all, convert_world, create_world, finish_convert, finish_create,
+    keep_splitting, mid_batch, record, runs, start_processes, wait_done, worker_api,
 };
 
 const CREATE_ITEMS: i64 = 3000;
@@ -25,16 +23,13 @@ async fn tune(env: &TestEnv) {
     env.set("BULKOPS__WORKER__CHUNK_SIZE", 50).await;
 }
 
-async fn start_create(env: &TestEnv, workers: usize) -> (i64, bulkops_tests::api::Api, String) {
+/// A create world, the producer and `workers` workers, and a bulk create of every
+/// Individual; returns the batch.
+async fn start_create(env: &TestEnv, workers: usize) -> i64 {
     let w = create_world(env, CREATE_ITEMS).await;
     tune(env).await;
     let api = env.start(workers).await.expect("start");
-    let t = w.token();
-    let batch = api
-        .bulk_create(&t, &json!({"filter": {}, "record_type_id": w.record_type}))
-        .await
-        .expect("bulk create");
-    (batch, api, t)
+    bulk_create_all(&api, &w).await
 }
 
 fn amqp_via(proxy: &FaultProxy) -> String {
@@ -54,10 +49,9 @@ async fn broker_connections_cut() {
         )
         .await
         .expect("env");
-        let (batch, _, _) = start_create(&env, 3).await;
+        let batch = start_create(&env, 3).await;
         for k in 1..=3 {
-            wait_done(&env, batch, CREATE_ITEMS * k / 4).await;
-            assert_mid_batch(&env, batch).await;
+            mid_batch(&env, batch, CREATE_ITEMS * k / 4).await;
             proxy.cut().await;
         }
         record(
@@ -81,10 +75,9 @@ async fn broker_traffic_stalled() {
         )
         .await
         .expect("env");
-        let (batch, _, _) = start_create(&env, 3).await;
-        wait_done(&env, batch, CREATE_ITEMS / 3).await;
+        let batch = start_create(&env, 3).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 3).await;
         // Longer than two heartbeats: both sides give the connections up.
-        assert_mid_batch(&env, batch).await;
         proxy.set_stalled(true);
         tokio::time::sleep(Duration::from_secs(25)).await;
         proxy.set_stalled(false);
@@ -109,10 +102,9 @@ async fn broker_connections_dropped_mid_frame() {
         )
         .await
         .expect("env");
-        let (batch, _, _) = start_create(&env, 3).await;
+        let batch = start_create(&env, 3).await;
         for (k, bytes) in [(1, 37_u64), (2, 1500), (3, 9)] {
-            wait_done(&env, batch, CREATE_ITEMS * k / 4).await;
-            assert_mid_batch(&env, batch).await;
+            mid_batch(&env, batch, CREATE_ITEMS * k / 4).await;
             proxy.cut_after_bytes(bytes);
         }
         record(
@@ -136,22 +128,18 @@ async fn database_connections_cut_during_conversions() {
         )
         .await
         .expect("env");
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
         let api = env.start(3).await.expect("start");
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
         for k in 1..=3 {
-            wait_done(&env, batch, total * k / 4).await;
-            assert_mid_batch(&env, batch).await;
+            mid_batch(&env, batch, total * k / 4).await;
             proxy.cut().await;
         }
         record(
             "database connections cut (proxy), 3 times",
-            finish_convert(&env, batch, &before).await,
+            finish_convert(&env, batch, &world.before).await,
         );
         env.finish().await;
     }
@@ -170,25 +158,20 @@ async fn database_stalled_and_dropped_mid_frame() {
         )
         .await
         .expect("env");
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
         let api = env.start(3).await.expect("start");
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
-        wait_done(&env, batch, total / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
+        mid_batch(&env, batch, total / 3).await;
         proxy.set_stalled(true);
         tokio::time::sleep(Duration::from_secs(8)).await;
         proxy.set_stalled(false);
-        wait_done(&env, batch, total * 2 / 3).await;
-        assert_mid_batch(&env, batch).await;
+        mid_batch(&env, batch, total * 2 / 3).await;
         proxy.cut_after_bytes(200);
         record(
             "database stalled 8 s, then dropped mid-message (proxy)",
-            finish_convert(&env, batch, &before).await,
+            finish_convert(&env, batch, &world.before).await,
         );
         env.finish().await;
     }
@@ -209,26 +192,13 @@ async fn redis_down_and_cut() {
         .expect("env");
         let w = create_world(&env, CREATE_ITEMS).await;
         tune(&env).await;
-        let (_, api) = env.start_producer().await.expect("producer");
-        let mut worker_apis = Vec::new();
-        for _ in 0..3 {
-            let worker = env.start_worker().await.expect("worker");
-            let addr = worker.lock().await.addr.clone().expect("metrics address");
-            worker_apis.push(bulkops_tests::api::Api::new(&format!("http://{addr}")));
-        }
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
-        wait_done(&env, batch, CREATE_ITEMS / 4).await;
-        assert_mid_batch(&env, batch).await;
+        let (api, probes) = start_processes(&env, 3).await;
+        let batch = bulk_create_all(&api, &w).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 4).await;
         proxy.set_down(true).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         // /readyz says 503 while Redis is down, on the producer and every worker…
-        for probe in std::iter::once(&api).chain(worker_apis.iter()) {
+        for probe in &probes {
             let r = probe
                 .send(reqwest::Method::GET, "/readyz", None, None, &[])
                 .await
@@ -245,7 +215,7 @@ async fn redis_down_and_cut() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         proxy.set_down(false).await;
         // …and 200 again once it is back.
-        for probe in std::iter::once(&api).chain(worker_apis.iter()) {
+        for probe in &probes {
             let started = std::time::Instant::now();
             loop {
                 let r = probe
@@ -264,8 +234,7 @@ async fn redis_down_and_cut() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        wait_done(&env, batch, CREATE_ITEMS / 2).await;
-        assert_mid_batch(&env, batch).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 2).await;
         proxy.cut().await;
         record(
             "redis down 6 s, then connections cut (proxy)",
@@ -279,18 +248,15 @@ async fn redis_down_and_cut() {
 async fn workers_killed_at_random_moments() {
     for run in 0..runs() {
         let env = TestEnv::new("f_kill").await.expect("env");
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
         let (_, api) = env.start_producer().await.expect("producer");
         let mut workers = [
             env.start_worker().await.expect("w"),
             env.start_worker().await.expect("w"),
         ];
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
         // Pseudo-random but reproducible moments and victims.
         let mut seed = 0x9e37_79b9_u64 + run as u64;
         for k in 1..=5 {
@@ -306,7 +272,7 @@ async fn workers_killed_at_random_moments() {
         }
         record(
             "worker SIGKILL at random moments, 5 times",
-            finish_convert(&env, batch, &before).await,
+            finish_convert(&env, batch, &world.before).await,
         );
         env.finish().await;
     }
@@ -319,19 +285,11 @@ async fn producer_killed_while_splitting() {
         let w = create_world(&env, CREATE_ITEMS).await;
         tune(&env).await;
         // A small queue window keeps the split going for the whole batch.
-        env.set("BULKOPS__SPLIT__MAX_IN_FLIGHT_PER_BATCH", 200)
-            .await;
-        env.set("BULKOPS__SPLIT__CHUNK_SIZE", 100).await;
+        keep_splitting(&env, 200).await;
         let (producer, api) = env.start_producer().await.expect("producer");
         env.start_worker().await.expect("w");
         env.start_worker().await.expect("w");
-        let batch = api
-            .bulk_create(
-                &w.token(),
-                &json!({"filter": {}, "record_type_id": w.record_type}),
-            )
-            .await
-            .expect("bulk create");
+        let batch = bulk_create_all(&api, &w).await;
         wait_done(&env, batch, CREATE_ITEMS / 3).await;
         let published = env
             .count(&format!(
@@ -368,9 +326,8 @@ async fn own_rabbitmq_restarted() {
         )
         .await
         .expect("env");
-        let (batch, _, _) = start_create(&env, 2).await;
-        wait_done(&env, batch, CREATE_ITEMS / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let batch = start_create(&env, 2).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 3).await;
         rabbit
             .restart(Stop::Crash, Duration::from_secs(2))
             .await
@@ -396,9 +353,8 @@ async fn own_redis_restarted() {
         )
         .await
         .expect("env");
-        let (batch, _, _) = start_create(&env, 3).await;
-        wait_done(&env, batch, CREATE_ITEMS / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let batch = start_create(&env, 3).await;
+        mid_batch(&env, batch, CREATE_ITEMS / 3).await;
         redis
             .restart(Stop::Crash, Duration::from_secs(3))
             .await
@@ -425,23 +381,16 @@ async fn own_postgres_restarted() {
         )
         .await
         .expect("env");
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
         let (_, api) = env.start_producer().await.expect("producer");
         let worker = env.start_worker().await.expect("worker");
         env.start_worker().await.expect("worker");
         env.start_worker().await.expect("worker");
-        let worker_api = bulkops_tests::api::Api::new(&format!(
-            "http://{}",
-            worker.lock().await.addr.clone().expect("metrics address")
-        ));
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
-        wait_done(&env, batch, total / 3).await;
-        assert_mid_batch(&env, batch).await;
+        let worker_api = worker_api(&worker).await;
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
+        mid_batch(&env, batch, total / 3).await;
         pg.stop(Stop::Crash).await;
         // /readyz says 503 while the database is down.
         for probe in [&api, &worker_api] {
@@ -461,7 +410,7 @@ async fn own_postgres_restarted() {
         pg.resume().await.expect("restart");
         record(
             "PostgreSQL instance crashed and restarted",
-            finish_convert(&env, batch, &before).await,
+            finish_convert(&env, batch, &world.before).await,
         );
         env.finish().await;
     }
@@ -506,7 +455,7 @@ async fn publish_raw(env: &TestEnv, queue: &str, bodies: &[Vec<u8>]) {
 async fn duplicated_deliveries() {
     for _ in 0..runs() {
         let env = TestEnv::new("f_dup").await.expect("env");
-        let (batch, _, _) = start_create(&env, 3).await;
+        let batch = start_create(&env, 3).await;
         wait_done(&env, batch, CREATE_ITEMS / 5).await;
         // A second copy of every item's message, done or not, while the batch runs.
         let items = bulkops_tests::fixture::rows(
@@ -541,18 +490,14 @@ async fn duplicated_deliveries() {
 async fn worker_paused_past_its_lock_ttl() {
     for _ in 0..runs() {
         let env = TestEnv::new("f_sigstop").await.expect("env");
-        let (admin, agency, ids, before) = convert_world(&env, CONVERT_ITEMS).await;
+        let world = convert_world(&env, CONVERT_ITEMS).await;
         env.set("BULKOPS__WORKER__CHUNK_SIZE", 25).await;
         let (_, api) = env.start_producer().await.expect("producer");
         let paused = env.start_worker().await.expect("w");
         env.start_worker().await.expect("w");
-        let batch = api
-            .convert(&token(admin, agency), &ids)
-            .await
-            .expect("convert");
-        let total = i64::try_from(ids.len()).unwrap_or(0);
-        wait_done(&env, batch, total / 4).await;
-        assert_mid_batch(&env, batch).await;
+        let batch = world.convert_all(&api).await;
+        let total = world.total();
+        mid_batch(&env, batch, total / 4).await;
         paused.lock().await.signal("STOP").expect("stop");
         // The lock TTL is 3 s; two missed heartbeats (~20 s) make the broker hand its
         // messages to the other worker.
@@ -560,7 +505,7 @@ async fn worker_paused_past_its_lock_ttl() {
         paused.lock().await.signal("CONT").expect("cont");
         record(
             "worker SIGSTOP past lock TTL, then SIGCONT",
-            finish_convert(&env, batch, &before).await,
+            finish_convert(&env, batch, &world.before).await,
         );
         env.finish().await;
     }
@@ -570,7 +515,7 @@ async fn worker_paused_past_its_lock_ttl() {
 async fn malformed_and_poison_messages() {
     for _ in 0..runs() {
         let env = TestEnv::new("f_garbage").await.expect("env");
-        let (batch, _, _) = start_create(&env, 2).await;
+        let batch = start_create(&env, 2).await;
         wait_done(&env, batch, CREATE_ITEMS / 4).await;
         let mut garbage: Vec<Vec<u8>> = Vec::new();
         for n in 0..10 {
