@@ -254,6 +254,10 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Most deliveries handled in one database transaction.
     pub chunk_size: usize,
+    /// How long a bulk-lane chunk may wait to fill while another chunk of the worker is in
+    /// flight, in milliseconds, counted from its first delivery (0: start at once). A lone
+    /// delivery on an idle worker never waits.
+    pub chunk_linger_ms: u64,
     /// Lifetime of a record lock, in milliseconds; longer than any chunk's transaction.
     pub lock_ttl_ms: u64,
     /// Delivery attempts before an item that keeps failing transiently is failed and
@@ -407,6 +411,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("metrics.bind", "127.0.0.1:9090"),
     ("worker.concurrency", "2"),
     ("worker.chunk_size", "250"),
+    ("worker.chunk_linger_ms", "50"),
     ("worker.lock_ttl_ms", "15000"),
     ("worker.max_attempts", "5"),
     ("worker.in_process_retries", "3"),
@@ -621,6 +626,11 @@ impl Settings {
         if self.worker.chunk_size > 5000 {
             return Err(ConfigError::new("worker.chunk_size must be at most 5000"));
         }
+        if self.worker.chunk_linger_ms > 1000 {
+            return Err(ConfigError::new(
+                "worker.chunk_linger_ms must be at most 1000",
+            ));
+        }
         positive(self.worker.lock_ttl_ms, "worker.lock_ttl_ms")?;
         positive(self.worker.max_attempts.into(), "worker.max_attempts")?;
         if self.worker.retry_delays_ms.is_empty() || self.worker.retry_delays_ms.contains(&0) {
@@ -718,6 +728,11 @@ impl WorkerSettings {
             (0, ms) => ms.saturating_mul(2),
             (ms, _) => ms,
         })
+    }
+
+    /// [`WorkerSettings::chunk_linger_ms`] as a duration.
+    pub fn chunk_linger(&self) -> Duration {
+        Duration::from_millis(self.chunk_linger_ms)
     }
 
     /// [`WorkerSettings::lock_bypass_after_ms`] as a duration.

@@ -101,6 +101,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 lane,
                 concurrency,
                 chunk_size: settings.worker.chunk_size,
+                linger: match lane {
+                    Lane::Bulk => settings.worker.chunk_linger(),
+                    Lane::Interactive => Duration::ZERO,
+                },
                 prefetch: settings.amqp.prefetch,
                 drain_timeout: drain,
             },
