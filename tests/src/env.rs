@@ -26,6 +26,21 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A queue as the broker reports it (ready messages, consumers), without creating it: a
+/// passive declare, which fails (and closes the channel) when the queue does not exist.
+pub async fn queue_info(channel: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}
+
 /// Redis of the machine.
 pub fn redis_url() -> String {
     std::env::var("BULKOPS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -110,16 +110,7 @@ pub async fn queue_state(urls: &[String], queue: &str) -> Option<(u32, u32)> {
         let probe = async {
             let conn = Connection::connect(url, ConnectionProperties::default()).await?;
             let ch = conn.create_channel().await?;
-            let q = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+            let q = crate::env::queue_info(&ch, queue).await?;
             let _ = conn.close(200, "done".into()).await;
             Ok::<_, lapin::Error>((q.message_count(), q.consumer_count()))
         };

@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use bulkops_tests::console::{ConsoleClient, enable, operator_token};
+use bulkops_tests::env::queue_info;
 use bulkops_tests::fixture::{World, insert};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
@@ -166,16 +165,7 @@ async fn no_record_data_in_logs_messages_or_events() {
         .expect("amqp");
     let ch = conn.create_channel().await.expect("channel");
     let dead = format!("{}.dead", env.amqp_prefix);
-    ch.queue_declare(
-        dead.as_str().into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("dead queue");
+    queue_info(&ch, &dead).await.expect("dead queue");
     let mut consumer = ch
         .basic_consume(
             dead.as_str().into(),

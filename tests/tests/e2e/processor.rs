@@ -21,6 +21,7 @@ use bulkops_shared::lock::{LockTarget, Locks};
 use bulkops_shared::messages::{Op, WorkMessage};
 use bulkops_shared::metrics::WorkerMetrics;
 use bulkops_tests::TestEnv;
+use bulkops_tests::env::queue_info;
 use bulkops_tests::fixture::rows;
 use bulkops_tests::scenario::create_world;
 use bulkops_worker::acks::AckTracker;
@@ -28,7 +29,7 @@ use bulkops_worker::process::{Connections, Processor};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
@@ -55,15 +56,7 @@ async fn take(consumer: &mut lapin::Consumer, tracker: &AckTracker, n: usize) ->
 
 /// Ready messages in `queue` (a passive declare: what no consumer holds).
 async fn ready(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    queue_info(channel, queue)
         .await
         .unwrap_or_else(|e| panic!("{queue}: {e}"))
         .message_count()

@@ -3,11 +3,10 @@
 use std::time::Duration;
 
 use bulkops_tests::TestEnv;
-use bulkops_tests::env::{Endpoints, amqp_url};
+use bulkops_tests::env::{Endpoints, amqp_url, queue_info};
 use bulkops_tests::proxy::FaultProxy;
 use bulkops_tests::services::{PgInstance, RabbitInstance, RedisInstance, Stop};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use crate::{
@@ -421,16 +420,7 @@ async fn publish_raw(env: &TestEnv, queue: &str, bodies: &[Vec<u8>]) {
         .await
         .expect("amqp");
     let ch = conn.create_channel().await.expect("channel");
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue exists");
+    queue_info(&ch, queue).await.expect("queue exists");
     ch.confirm_select(Default::default())
         .await
         .expect("confirms");
@@ -538,15 +528,7 @@ async fn malformed_and_poison_messages() {
         let started = std::time::Instant::now();
         let mut dead = 0;
         while started.elapsed() < Duration::from_secs(30) {
-            let q = ch
-                .queue_declare(
-                    format!("{}.dead", env.amqp_prefix).as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            let q = queue_info(&ch, &format!("{}.dead", env.amqp_prefix))
                 .await
                 .expect("dead queue");
             dead = q.message_count();
