@@ -230,4 +230,5 @@ async fn counter_shards_fold_into_exactly_one_completion() {
         21,
         "two created from the shard, one failed by the watcher"
     );
+    env.finish().await;
 }
